@@ -1,0 +1,43 @@
+"""potstill: knowledge distillation for causal language models.
+
+    import potstill
+    result = potstill.distill("run.yaml")                  # or a DistillConfig / dict
+    potstill.evaluate(result.output_dir, teacher="path/to/teacher")
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from .config import (  # noqa: E402
+    DataConfig,
+    DistillConfig,
+    EvalConfig,
+    LossConfig,
+    OutputConfig,
+    StudentConfig,
+    TeacherConfig,
+    TrainConfig,
+    load_config,
+)
+from .errors import PotstillError  # noqa: E402
+
+
+def distill(config, *, overrides=(), progress: bool = True):
+    """Run a distillation; see :func:`potstill.train.distill`."""
+    from .train import distill as _distill
+
+    return _distill(config, overrides=overrides, progress=progress)
+
+
+def evaluate(model, **kwargs):
+    """Evaluate a run directory, model folder or model object; see :func:`potstill.evaluate.evaluate`."""
+    from .evaluate import evaluate as _evaluate
+
+    return _evaluate(model, **kwargs)
+
+
+__all__ = [
+    "__version__", "distill", "evaluate", "load_config", "PotstillError", "DistillConfig", "TeacherConfig",
+    "StudentConfig", "DataConfig", "LossConfig", "TrainConfig", "EvalConfig", "OutputConfig",
+]

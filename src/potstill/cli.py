@@ -1,0 +1,127 @@
+"""The ``potstill`` command: one thin function per verb.
+
+User mistakes (:class:`~potstill.errors.PotstillError`) print one line and exit non-zero;
+``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+from . import __version__
+from .errors import PotstillError
+
+log = logging.getLogger("potstill")
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    from .train import distill
+
+    result = distill(args.config, overrides=args.overrides, progress=not args.no_progress)
+    print(f"student saved to {result.student_dir}")
+    if result.final_eval:
+        print(format_table({"student": result.final_eval}))
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate
+
+    result = evaluate(args.model, teacher=args.teacher, data=args.data, split=args.split,
+                      max_length=args.max_length, batch_size=args.batch_size, max_batches=args.max_batches,
+                      precision=args.precision, progress=not args.no_progress)
+    print(format_table({"model": result}))
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as fh:
+            json.dump(result, fh, indent=2)
+    return 0
+
+
+def format_table(rows: dict[str, dict[str, float]]) -> str:
+    """A plain-text table: one row per model, one column per metric."""
+    cols = [c for c in ("ppl", "ce", "kl", "agreement", "kd", "teacher_ppl", "tokens")
+            if any(c in r for r in rows.values())]
+    width = max(len(name) for name in rows) + 2
+    lines = ["".ljust(width) + "".join(c.rjust(13) for c in cols)]
+    for name, r in rows.items():
+        cells = "".join((f"{r[c]:13.4f}" if c != "tokens" else f"{int(r[c]):13d}") if c in r else "-".rjust(13)
+                        for c in cols)
+        lines.append(name.ljust(width) + cells)
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="potstill", description="Knowledge distillation for causal language models.",
+        epilog="Run 'potstill COMMAND --help' for a command's options.")
+    parser.add_argument("--version", action="version", version=f"potstill {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks and debug logs")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("distill", help="distill a teacher into a student from a YAML config",
+                       description="Distill a teacher into a student. Overrides are dotted keys: "
+                                   "train.lr=3e-4 loss.logits.temperature=2.0. Environment variables "
+                                   "POTSTILL_SECTION__KEY=value apply between the file and the overrides.")
+    p.add_argument("config", help="YAML config file")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=500")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_distill)
+
+    p = sub.add_parser("evaluate", help="perplexity, teacher-student KL and agreement of a model or run",
+                       description="Evaluate a run directory (uses its validation data and teacher) or a model "
+                                   "folder on --data.")
+    p.add_argument("model", help="run directory or model folder / hub id")
+    p.add_argument("--teacher", help="teacher model folder or hub id (for KL and agreement)")
+    p.add_argument("--data", help="dataset: file, glob, folder or hub name (default: the run's validation split)")
+    p.add_argument("--split", help="hub dataset split (default: train)")
+    p.add_argument("--max-length", type=int, help="tokens per sequence (default: the run's, else 1024)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-batches", type=int)
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
+    p.add_argument("--json", help="also write the metrics to this JSON file")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_evaluate)
+    return parser
+
+
+def setup_logging(debug: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, format="potstill: %(message)s",
+                        stream=sys.stderr)
+    if not debug:
+        os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+        try:
+            import transformers
+
+            transformers.logging.set_verbosity_error()
+        except ImportError:  # pragma: no cover
+            pass
+        for noisy in ("accelerate", "datasets", "urllib3", "httpx", "huggingface_hub"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    setup_logging(args.debug)
+    try:
+        return int(args.func(args) or 0)
+    except PotstillError as err:
+        if args.debug:
+            raise
+        print(f"potstill: error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("potstill: interrupted; a run continues from its last checkpoint with train.resume=auto",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

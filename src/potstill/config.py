@@ -1,0 +1,386 @@
+"""Typed, validated run configuration.
+
+Precedence, each overriding the one before:
+  1. defaults in the classes below
+  2. the YAML file                          (``potstill distill run.yaml``)
+  3. environment variables                  (``POTSTILL_TRAIN__LR=3e-4``: section__key)
+  4. dotted command-line overrides          (``train.lr=3e-4 loss.logits.temperature=2``)
+
+Every mistake becomes one :class:`~potstill.errors.ConfigError` line that says which key,
+where it came from (file, variable or override), what is wrong, and, for an unknown
+key, the closest valid one.
+
+Fields that name a model or dataset also accept objects from Python (an ``nn.Module``, a
+tokenizer, a ``datasets.Dataset``, a list of strings or conversations).
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Any, Literal, Mapping, Sequence, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import ConfigError
+
+SECTIONS = ("teacher", "student", "data", "loss", "train", "eval", "output")
+ENV_PREFIX = "POTSTILL_"
+
+
+class _Section(BaseModel):
+    # extra="forbid" turns a typo into an error; arbitrary types let objects through.
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True, validate_assignment=True)
+
+
+# A model, tokenizer or dataset given either by name/path or as an object from Python.
+NameOrObject = Union[str, Any]
+
+
+class TeacherConfig(_Section):
+    """The frozen model that teaches. Loaded with ``AutoModelForCausalLM``."""
+
+    name_or_path: NameOrObject | None = Field(None, description="hub id, local folder, or an nn.Module")
+    revision: str | None = None
+    tokenizer: NameOrObject | None = Field(None, description="defaults to name_or_path")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="auto: bfloat16 when training in bf16, else float32")
+    trust_remote_code: bool = False
+
+
+class FromTeacherConfig(_Section):
+    """Initialize the student from the teacher, keeping a subset of its decoder layers."""
+
+    layers: list[int] | None = Field(None, description="teacher layer indices to keep, in order")
+    every: int | None = Field(None, ge=1, description="keep layers 0, every, 2*every, ...")
+
+    @model_validator(mode="after")
+    def _one_rule(self) -> "FromTeacherConfig":
+        if (self.layers is None) == (self.every is None):
+            raise ValueError("give exactly one of 'layers' (a list of teacher layer indices) or 'every' (an integer)")
+        if self.layers is not None and not self.layers:
+            raise ValueError("'layers' is empty: keep at least one teacher layer")
+        return self
+
+
+class StudentConfig(_Section):
+    """The model that learns: pretrained, built from a config, or cut from the teacher."""
+
+    name_or_path: NameOrObject | None = Field(None, description="hub id, local folder, or an nn.Module")
+    revision: str | None = None
+    tokenizer: NameOrObject | None = Field(None, description="defaults to the student's, else the teacher's")
+    config: dict[str, Any] | None = Field(
+        None, description="model config fields for a randomly initialized student (model_type defaults to the teacher's)")
+    from_teacher: FromTeacherConfig | None = None
+    trust_remote_code: bool = False
+    gradient_checkpointing: bool = False
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "StudentConfig":
+        given = [k for k in ("name_or_path", "config", "from_teacher") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                "give exactly one of student.name_or_path, student.config or student.from_teacher"
+                + (f" (got {', '.join(given)})" if given else ""))
+        return self
+
+
+class DataConfig(_Section):
+    """Where the training text comes from and how it becomes token blocks."""
+
+    source: Any = Field(None, description="hub dataset name, local file/glob/folder, list of them, or an object")
+    config_name: str | None = Field(None, description="hub dataset configuration name")
+    split: str = "train"
+    revision: str | None = None
+    format: Literal["auto", "text", "messages", "sharegpt", "prompt_completion"] = "auto"
+    text_field: str = "text"
+    messages_field: str = "messages"
+    conversations_field: str = "conversations"
+    prompt_field: str = "prompt"
+    completion_field: str = "completion"
+    chat_template: str | None = Field(None, description="Jinja chat template; default: the tokenizer's")
+    assistant_only_loss: bool = Field(True, description="chat data: loss only on assistant tokens")
+    max_length: int = Field(1024, ge=8, description="tokens per training sequence")
+    packing: bool = Field(True, description="concatenate texts with EOS and cut into full blocks; else pad")
+    validation_source: Any = Field(None, description="a separate validation dataset (same forms as source)")
+    validation_split: str | None = Field(None, description="a split of the same hub dataset, e.g. 'validation'")
+    validation_fraction: float = Field(0.05, ge=0.0, lt=0.5, description="else hold out this fraction of train")
+    max_examples: int | None = Field(None, ge=1, description="use only the first N source rows")
+    cache_dir: str | None = Field(None, description="tokenized-data cache; default ~/.cache/potstill/data")
+
+
+DIVERGENCE_NAMES = ("fkl", "rkl", "jsd", "tvd", "skew_fkl", "skew_rkl", "mse")
+
+
+class LogitLossConfig(_Section):
+    """Match the student's next-token distribution to the teacher's."""
+
+    weight: float = Field(1.0, ge=0.0)
+    divergence: Literal["fkl", "rkl", "jsd", "tvd", "skew_fkl", "skew_rkl", "mse"] = "fkl"
+    temperature: float = Field(1.0, gt=0.0)
+    t2_scaling: bool = Field(False, description="multiply the term by temperature**2 (Hinton et al.)")
+    beta: float = Field(0.5, ge=0.0, le=1.0, description="jsd only: 0 = forward KL, 1 = reverse KL")
+    alpha: float = Field(0.1, ge=0.0, le=1.0, description="skew_fkl / skew_rkl only: skew mixing weight")
+
+
+class CrossEntropyLossConfig(_Section):
+    """Ordinary next-token cross-entropy on the data's labels."""
+
+    weight: float = Field(0.0, ge=0.0)
+
+
+class LossConfig(_Section):
+    logits: LogitLossConfig = Field(default_factory=LogitLossConfig)
+    ce: CrossEntropyLossConfig = Field(default_factory=CrossEntropyLossConfig)
+
+    @model_validator(mode="after")
+    def _something_to_learn(self) -> "LossConfig":
+        if self.logits.weight == 0 and self.ce.weight == 0:
+            raise ValueError("every loss weight is 0: set loss.logits.weight or loss.ce.weight above 0")
+        return self
+
+
+class TrainConfig(_Section):
+    max_steps: int | None = Field(None, ge=1, description="optimizer steps; default: from epochs")
+    epochs: float = Field(1.0, gt=0.0, description="used when max_steps is not given")
+    batch_size: int = Field(8, ge=1, description="sequences per micro-batch, per process")
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    lr: float = Field(1e-4, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = Field(1e-8, gt=0.0)
+    scheduler: Literal["linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
+                       "constant_with_warmup", "inverse_sqrt", "warmup_stable_decay"] = "cosine"
+    warmup_steps: int = Field(0, ge=0)
+    warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0, description="used when warmup_steps is 0")
+    max_grad_norm: float | None = Field(1.0, gt=0.0, description="null: no clipping")
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto", description="auto: bf16 where the hardware has fast bf16 (CUDA Ampere+, CPU with AMX), else fp32")
+    seed: int = 0
+    resume: Union[bool, str] = Field(False, description="false | auto (latest checkpoint in output.dir) | a checkpoint path")
+    checkpoint_every: int | None = Field(500, ge=1, description="steps between checkpoints; one is always written at the end")
+    keep_checkpoints: int = Field(2, ge=1, description="keep only the newest K checkpoints")
+    log_every: int = Field(10, ge=1)
+
+    @model_validator(mode="after")
+    def _resume_word(self) -> "TrainConfig":
+        if self.resume is True:
+            self.resume = "auto"
+        return self
+
+
+class EvalConfig(_Section):
+    every: int | None = Field(None, ge=1, description="steps between evaluations; always evaluated at the end")
+    max_batches: int | None = Field(None, ge=1, description="cap on validation batches per evaluation")
+    batch_size: int | None = Field(None, ge=1, description="default: train.batch_size")
+
+
+class OutputConfig(_Section):
+    dir: str = "runs/potstill"
+    overwrite: bool = Field(False, description="allow starting a fresh run in a folder that holds one")
+    tensorboard: bool = True
+
+
+class DistillConfig(_Section):
+    """The whole run. Build it in Python or with :func:`load_config`."""
+
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    student: StudentConfig = Field(default_factory=lambda: StudentConfig(from_teacher={"every": 2}))
+    data: DataConfig = Field(default_factory=DataConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "DistillConfig":
+        if self.data.source is None:
+            raise ValueError("data.source is required: a hub dataset name, a local file or folder, or a list")
+        needs_teacher = self.loss.logits.weight > 0 or self.student.from_teacher is not None
+        if needs_teacher and self.teacher.name_or_path is None:
+            raise ValueError("teacher.name_or_path is required for logit distillation "
+                             "(or set loss.logits.weight=0 and loss.ce.weight>0 to train on labels alone)")
+        return self
+
+
+# ----------------------------------------------------------------------------------------
+# Loading: YAML + environment + overrides, with origins for error messages.
+
+
+def load_config(
+    path: str | os.PathLike | None = None,
+    overrides: Sequence[str] = (),
+    env: Mapping[str, str] | None = None,
+) -> DistillConfig:
+    """Read a YAML file, apply ``POTSTILL_SECTION__KEY`` variables, then ``a.b=c`` overrides."""
+    raw: dict[str, Any] = {}
+    origins: dict[tuple[str, ...], str] = {}
+    if path is not None:
+        raw = read_yaml(path)
+        for key in _leaf_keys(raw):
+            origins[key] = str(path)
+    for name, value in sorted((os.environ if env is None else env).items()):
+        keys = env_var_keys(name)
+        if keys:
+            _set_dotted(raw, keys, parse_value(value))
+            origins[keys] = f"environment variable {name}"
+    for item in overrides:
+        keys, value = parse_override(item)
+        _set_dotted(raw, keys, value)
+        origins[keys] = f"override '{item}'"
+    return validate_config(raw, origins)
+
+
+def validate_config(raw: Mapping[str, Any], origins: Mapping[tuple[str, ...], str] | None = None) -> DistillConfig:
+    """Validate a nested dict into a :class:`DistillConfig`, or raise one clear ConfigError."""
+    try:
+        return DistillConfig.model_validate(dict(raw))
+    except ValidationError as err:
+        raise ConfigError(describe_validation_error(err, origins or {})) from None
+
+
+def apply_overrides(cfg: DistillConfig, overrides: Sequence[str]) -> DistillConfig:
+    """A copy of ``cfg`` with ``a.b=c`` overrides applied and validated again."""
+    raw = cfg.model_dump()
+    origins = {}
+    for item in overrides:
+        keys, value = parse_override(item)
+        _set_dotted(raw, keys, value)
+        origins[keys] = f"override '{item}'"
+    return validate_config(raw, origins)
+
+
+def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p} (give the path to a YAML file)")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{p}:{mark.line + 1}" if mark is not None else str(p)
+        raise ConfigError(f"{where}: not valid YAML ({getattr(err, 'problem', err)})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: the top level must be a mapping of sections ({', '.join(SECTIONS)})")
+    return data
+
+
+def parse_value(text: str) -> Any:
+    """Turn an override's text into YAML-typed data: '2' -> 2, 'true' -> True, '[0,2]' -> [0, 2]."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def parse_override(item: str) -> tuple[tuple[str, ...], Any]:
+    key, sep, value = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override '{item}' is not of the form section.key=value (e.g. train.lr=3e-4)")
+    keys = tuple(part.strip() for part in key.strip().split("."))
+    if any(not part for part in keys):
+        raise ConfigError(f"override '{item}': empty key segment in '{key}'")
+    return keys, parse_value(value)
+
+
+def env_var_keys(name: str) -> tuple[str, ...] | None:
+    """``POTSTILL_TRAIN__LR`` -> ('train', 'lr'); None for variables that are not config."""
+    if not name.startswith(ENV_PREFIX) or "__" not in name:
+        return None
+    keys = tuple(part.lower() for part in name[len(ENV_PREFIX):].split("__"))
+    return keys if keys[0] in SECTIONS and all(keys) else None
+
+
+def _set_dotted(raw: dict[str, Any], keys: tuple[str, ...], value: Any) -> None:
+    node = raw
+    for i, key in enumerate(keys[:-1]):
+        child = node.get(key)
+        if child is None:
+            child = node[key] = {}
+        elif not isinstance(child, dict):
+            raise ConfigError(f"cannot set {'.'.join(keys)}: {'.'.join(keys[: i + 1])} is a value, not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def _leaf_keys(raw: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    out: list[tuple[str, ...]] = []
+    for key, value in raw.items():
+        path = prefix + (str(key),)
+        out.append(path)
+        if isinstance(value, Mapping):
+            out.extend(_leaf_keys(value, path))
+    return out
+
+
+def _model_at(path: Sequence[Any]) -> type[BaseModel] | None:
+    """The config class that holds the field at ``path`` (None past a free-form dict)."""
+    model: type[BaseModel] = DistillConfig
+    for key in path:
+        field = model.model_fields.get(str(key))
+        if field is None:
+            return None
+        ann = field.annotation
+        nested = [a for a in (getattr(ann, "__args__", None) or (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)]
+        if not nested:
+            return None
+        model = nested[0]
+    return model
+
+
+def describe_validation_error(err: ValidationError, origins: Mapping[tuple[str, ...], str]) -> str:
+    """One line per problem: key, origin, what is wrong, and a suggestion for typos."""
+    lines = []
+    for problem in err.errors():
+        loc = tuple(str(p) for p in problem["loc"] if not isinstance(p, int))
+        key = ".".join(loc)
+        origin = _origin_of(loc, origins) if loc else None
+        where = (f" at {key}" if key else "") + (f" (from {origin})" if origin else "")
+        if problem["type"] == "extra_forbidden":
+            owner = _model_at(loc[:-1])
+            valid = list(owner.model_fields) if owner else []
+            close = difflib.get_close_matches(loc[-1], valid, n=1, cutoff=0.5)
+            hint = f"did you mean '{'.'.join(loc[:-1] + (close[0],))}'?" if close else f"valid keys here: {', '.join(valid)}"
+            lines.append(f"unknown config key '{key}'" + (f" (from {origin})" if origin else "") + f": {hint}")
+            continue
+        msg = problem["msg"].removeprefix("Value error, ")
+        got = problem.get("input")
+        shown = "" if isinstance(got, (dict, BaseModel)) or got is None else f" (got {got!r})"
+        lines.append(f"config error{where}: {msg}{shown}")
+    return "; ".join(lines)
+
+
+def _origin_of(loc: tuple[str, ...], origins: Mapping[tuple[str, ...], str]) -> str | None:
+    for n in range(len(loc), 0, -1):
+        if loc[:n] in origins:
+            return origins[loc[:n]]
+    # An unknown section ('trian') was only recorded with its leaves ('trian', 'lr').
+    below = [origin for key, origin in origins.items() if loc and key[: len(loc)] == loc]
+    return below[0] if below else None
+
+
+def config_to_dict(cfg: DistillConfig) -> dict[str, Any]:
+    """Plain data for writing: objects passed from Python are shown by their type name."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, BaseModel):
+            return {k: plain(getattr(value, k)) for k in type(value).model_fields}
+        if isinstance(value, dict):
+            return {str(k): plain(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            if len(value) > 64 and not all(isinstance(v, (int, float)) for v in value):
+                return f"<in-memory list of {len(value)} items>"
+            return [plain(v) for v in value]
+        if value is None or isinstance(value, (str, int, float, bool)):
+            return value
+        return f"<object {type(value).__module__}.{type(value).__qualname__}>"
+
+    return plain(cfg)
+
+
+def config_to_yaml(cfg: DistillConfig) -> str:
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False, allow_unicode=True)

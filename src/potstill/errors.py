@@ -1,0 +1,37 @@
+"""The one exception type that users see.
+
+Every mistake a user can make (bad config, missing file, malformed data, vocab mismatch,
+locked run directory, diverged loss) is raised as :class:`PotstillError` with a message
+that says what is wrong, where, and what to do. The CLI prints it as one line and exits
+non-zero; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class PotstillError(Exception):
+    """A user-facing error: one clear line, no traceback unless ``--debug``."""
+
+    exit_code = 2
+
+
+class ConfigError(PotstillError):
+    """The configuration is invalid (unknown key, wrong type, out of range)."""
+
+
+class DataError(PotstillError):
+    """The dataset cannot be loaded or formatted (missing field, malformed line, empty)."""
+
+
+class ModelError(PotstillError):
+    """A model or tokenizer cannot be loaded, or teacher and student are incompatible."""
+
+
+class RunDirError(PotstillError):
+    """The output directory is locked by another run, or holds a run we must not clobber."""
+
+
+class DivergedError(PotstillError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+    exit_code = 3

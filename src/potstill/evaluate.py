@@ -1,0 +1,180 @@
+"""Evaluation: perplexity, teacher-student divergence and top-1 agreement.
+
+``evaluate_models`` is what the training loop calls every ``eval.every`` steps;
+``evaluate`` is the public API behind ``potstill evaluate``, which loads a finished run
+(or any model folder) and scores it on a dataset.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .losses import cross_entropy, logit_divergence
+from .objective import Objective, shift
+
+log = logging.getLogger("potstill")
+
+
+def reduce_sum(values: dict[str, torch.Tensor], accelerator=None) -> dict[str, float]:
+    """Sum scalar tensors over processes (when distributed) and return floats."""
+    keys = sorted(values)
+    if not keys:
+        return {}
+    stacked = torch.stack([values[k].detach().double().reshape(()) for k in keys])
+    if accelerator is not None and accelerator.num_processes > 1:
+        stacked = accelerator.reduce(stacked.to(accelerator.device), reduction="sum")
+    return {k: float(v) for k, v in zip(keys, stacked.cpu())}
+
+
+@torch.no_grad()
+def evaluate_models(
+    student: nn.Module,
+    dataset,
+    *,
+    pad_token_id: int,
+    batch_size: int,
+    device: torch.device,
+    teacher: nn.Module | None = None,
+    objective: Objective | None = None,
+    shared_vocab: int | None = None,
+    max_batches: int | None = None,
+    autocast: Callable[[], Any] = contextlib.nullcontext,
+    accelerator=None,
+    progress: bool = False,
+) -> dict[str, float]:
+    """Score the student (and its agreement with the teacher) on ``dataset``.
+
+    Returns ``ce`` and ``ppl`` of the student; with a teacher also ``teacher_ce``,
+    ``teacher_ppl``, ``kl`` (forward KL(teacher || student) at temperature 1, per token)
+    and ``agreement`` (fraction of tokens where both models' top-1 prediction is the same);
+    with an objective also ``kd`` (the configured divergence, per token). Every process
+    takes its own slice of the data; sums are reduced before dividing.
+    """
+    from .data import collate
+
+    rank = accelerator.process_index if accelerator is not None else 0
+    world = accelerator.num_processes if accelerator is not None else 1
+    indices = list(range(rank, len(dataset), world))
+    batches = [indices[i:i + batch_size] for i in range(0, len(indices), batch_size)]
+    if max_batches is not None:
+        batches = batches[:max_batches]
+    was_training = student.training
+    student.eval()
+    sums = {k: torch.zeros((), dtype=torch.float64) for k in ("ce", "n")}
+    if teacher is not None:
+        sums.update({k: torch.zeros((), dtype=torch.float64) for k in ("teacher_ce", "kl", "agree")})
+    if objective is not None and teacher is not None and objective.needs_teacher:
+        sums["kd"] = torch.zeros((), dtype=torch.float64)
+    for idx in tqdm(batches, desc="eval", disable=not progress, leave=False):
+        batch = collate([dataset[i] for i in idx], pad_token_id)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        with autocast():
+            s_logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        s, targets, mask = shift(s_logits, batch["labels"])
+        ce, n = cross_entropy(s, targets)
+        sums["ce"] += ce.double().cpu()
+        sums["n"] += n.double().cpu()
+        if teacher is None:
+            continue
+        with autocast():
+            t_logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        t = t_logits[:, :-1]
+        v = shared_vocab or min(s.shape[-1], t.shape[-1])
+        t_ce, _ = cross_entropy(t, targets)
+        kl, _ = logit_divergence("fkl", s[..., :v], t[..., :v], mask)
+        agree = ((s[..., :v].argmax(-1) == t[..., :v].argmax(-1)) & mask).sum()
+        sums["teacher_ce"] += t_ce.double().cpu()
+        sums["kl"] += kl.double().cpu()
+        sums["agree"] += agree.double().cpu()
+        if "kd" in sums:
+            kd, _ = objective.kd_sum(s_logits, t_logits, batch["labels"])
+            sums["kd"] += kd.double().cpu()
+    if was_training:
+        student.train()
+    totals = reduce_sum(sums, accelerator)
+    n = max(totals.pop("n"), 1.0)
+    out = {"ce": totals["ce"] / n}
+    out["ppl"] = math.exp(min(out["ce"], 50.0))
+    if teacher is not None:
+        out["teacher_ce"] = totals["teacher_ce"] / n
+        out["teacher_ppl"] = math.exp(min(out["teacher_ce"], 50.0))
+        out["kl"] = totals["kl"] / n
+        out["agreement"] = totals["agree"] / n
+    if "kd" in totals:
+        out["kd"] = totals["kd"] / n
+    out["tokens"] = n
+    return out
+
+
+def evaluate(
+    model: str | Path | nn.Module,
+    *,
+    teacher: str | Path | nn.Module | None = None,
+    data: Any = None,
+    split: str | None = None,
+    tokenizer: Any = None,
+    max_length: int | None = None,
+    batch_size: int = 8,
+    max_batches: int | None = None,
+    precision: str = "auto",
+    progress: bool = True,
+) -> dict[str, float]:
+    """Evaluate a model folder, a finished run directory, or a model object.
+
+    For a run directory (one that holds ``config.yaml`` and ``student/``) the run's
+    validation data and teacher are used unless ``data`` / ``teacher`` are given.
+    """
+    from .config import DataConfig, TeacherConfig, validate_config
+    from .errors import ConfigError
+    from .data import build_datasets
+    from .models import check_vocab, freeze, load_causal_lm, load_teacher, load_tokenizer
+    from .precision import autocast_context, resolve_precision
+
+    run_cfg = None
+    if isinstance(model, (str, Path)) and (Path(model) / "config.yaml").is_file() and (Path(model) / "student").is_dir():
+        from .config import read_yaml
+
+        run_cfg = validate_config(read_yaml(Path(model) / "config.yaml"))
+        model = Path(model) / "student"
+    precision = resolve_precision(precision)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    student = load_causal_lm(str(model) if isinstance(model, Path) else model, revision=None, dtype=None,
+                             trust_remote_code=False, role="model")
+    student = freeze(student).to(device)
+    if tokenizer is None:
+        tokenizer = model if isinstance(model, (str, Path)) else None
+        if tokenizer is None:
+            raise ConfigError("evaluate(model=<object>) needs tokenizer=")
+    tok = load_tokenizer(str(tokenizer) if isinstance(tokenizer, Path) else tokenizer, role="model")
+
+    t_model, shared = None, None
+    teacher_ref = teacher if teacher is not None else (run_cfg.teacher.name_or_path if run_cfg else None)
+    if teacher_ref is not None:
+        t_cfg = TeacherConfig(name_or_path=str(teacher_ref) if isinstance(teacher_ref, Path) else teacher_ref,
+                              tokenizer=None if isinstance(teacher_ref, (str, Path)) else tok)
+        t_dtype = torch.bfloat16 if precision == "bf16" else None
+        t_model, t_tok = load_teacher(t_cfg, dtype=t_dtype)
+        t_model = t_model.to(device)
+        shared = check_vocab(t_model, t_tok, student, tok).shared
+
+    if data is not None:
+        d_cfg = DataConfig(source=data, split=split or "train", validation_fraction=0.0,
+                           max_length=max_length or (run_cfg.data.max_length if run_cfg else 1024))
+        dataset, _ = build_datasets(d_cfg, tok, progress=progress)
+    elif run_cfg is not None:
+        _, dataset = build_datasets(run_cfg.data, tok, seed=run_cfg.train.seed, progress=progress)
+        if dataset is None:
+            raise ConfigError("the run has no validation split: pass --data (or data=)")
+    else:
+        raise ConfigError("evaluate needs --data (or data=), or a run directory whose config names its data")
+    return evaluate_models(student, dataset, pad_token_id=tok.pad_token_id, batch_size=batch_size, device=device,
+                           teacher=t_model, shared_vocab=shared, max_batches=max_batches,
+                           autocast=autocast_context(precision, device), progress=progress)

@@ -1,0 +1,98 @@
+"""The training objective: a weighted sum of loss terms, normalized in exactly one place.
+
+One shift, one mask: ``logits[:, :-1]`` predicts ``labels[:, 1:]``; positions whose label
+is -100 (padding, non-assistant chat tokens) do not count.
+
+Normalization: every term returns a *sum* over valid tokens. The trainer counts the valid
+tokens of all micro-batches of an optimizer step on all processes first, and each
+micro-batch's loss is ``weighted_sum / n_valid_step * world_size`` (DDP averages
+gradients over processes). So gradient accumulation and multi-process training give the
+same gradient as one big batch, however the tokens fall (the bug TRL issue 4719 fixed).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .config import LossConfig
+from .losses import cross_entropy, logit_divergence
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class ObjectiveOutput:
+    """Sums over the valid tokens of one micro-batch.
+
+    ``weighted_sum``: the differentiable total (weights and T^2 applied, not normalized).
+    ``term_sums``: each term's raw sum, detached, for logging (divide by ``n_valid``).
+    """
+
+    weighted_sum: torch.Tensor
+    n_valid: torch.Tensor
+    term_sums: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def shift(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(B, T, V), (B, T) -> logits (B, T-1, V), targets (B, T-1), mask (B, T-1) bool."""
+    targets = labels[:, 1:]
+    return logits[:, :-1], targets, targets != IGNORE_INDEX
+
+
+def count_valid(labels: torch.Tensor) -> torch.Tensor:
+    """Tokens that count in the loss, after the shift: int64 scalar."""
+    return (labels[:, 1:] != IGNORE_INDEX).sum()
+
+
+class Objective:
+    """Builds the weighted terms from the loss config.
+
+    ``shared_vocab`` is the number of logit columns teacher and student share (heads may
+    carry extra padding rows); divergences use only those columns.
+    """
+
+    def __init__(self, cfg: LossConfig, shared_vocab: int | None = None):
+        self.cfg = cfg
+        self.shared_vocab = shared_vocab
+        self.kd_scale = cfg.logits.weight * (cfg.logits.temperature ** 2 if cfg.logits.t2_scaling else 1.0)
+
+    @property
+    def needs_teacher(self) -> bool:
+        return self.cfg.logits.weight > 0
+
+    def kd_sum(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+               labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Unweighted divergence sum and n_valid. Logits (B, T, V*), labels (B, T)."""
+        s, targets, mask = shift(student_logits, labels)
+        t = teacher_logits[:, :-1]
+        v = self.shared_vocab or min(s.shape[-1], t.shape[-1])
+        lc = self.cfg.logits
+        return logit_divergence(lc.divergence, s[..., :v], t[..., :v], mask,
+                                temperature=lc.temperature, beta=lc.beta, alpha=lc.alpha)
+
+    def __call__(self, student_logits: torch.Tensor, labels: torch.Tensor,
+                 teacher_logits: torch.Tensor | None = None) -> ObjectiveOutput:
+        """student_logits (B, T, Vs), labels (B, T), teacher_logits (B, T, Vt) or None."""
+        terms: dict[str, torch.Tensor] = {}
+        total = student_logits.new_zeros((), dtype=torch.float32)
+        n_valid = count_valid(labels)
+        if self.cfg.logits.weight > 0:
+            if teacher_logits is None:
+                raise ValueError("loss.logits.weight > 0 but no teacher logits were given")
+            kd, n_valid = self.kd_sum(student_logits, teacher_logits, labels)
+            terms["kd"] = kd.detach()
+            total = total + self.kd_scale * kd
+        if self.cfg.ce.weight > 0:
+            s, targets, _ = shift(student_logits, labels)
+            ce, _ = cross_entropy(s, targets, ignore_index=IGNORE_INDEX)
+            terms["ce"] = ce.detach()
+            total = total + self.cfg.ce.weight * ce
+        return ObjectiveOutput(weighted_sum=total, n_valid=n_valid, term_sums=terms)
+
+
+def step_loss(weighted_sum: torch.Tensor, n_valid_step: torch.Tensor | int, world_size: int) -> torch.Tensor:
+    """The micro-batch loss to backpropagate, normalized by the step's valid tokens everywhere."""
+    n = n_valid_step if isinstance(n_valid_step, torch.Tensor) else torch.tensor(n_valid_step)
+    return weighted_sum * world_size / n.clamp(min=1).to(weighted_sum.dtype)

@@ -1,0 +1,95 @@
+"""Tiny real components for tests: a trained byte-level BPE tokenizer and small Llama models.
+
+Nothing here downloads. Models are built from config and saved with ``save_pretrained``
+so that the real loading code (``AutoModelForCausalLM.from_pretrained`` on a folder) runs.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+CHATML_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+_WORDS = (
+    "the a teacher student model learns from large small data token layer weight loss gradient "
+    "python function returns value list string number file read write open close import module "
+    "class method object attribute error raise except try return yield print format join split "
+    "distill knowledge softmax logits temperature divergence sequence batch step epoch train eval"
+).split()
+
+
+def synthetic_sentences(n: int, seed: int = 0) -> list[str]:
+    """Deterministic English-like sentences with some structure a model can learn."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        k = rng.randint(5, 16)
+        start = rng.randrange(len(_WORDS))
+        # Mostly consecutive words (learnable bigrams), some random ones.
+        words = [_WORDS[(start + i) % len(_WORDS)] if rng.random() < 0.8 else rng.choice(_WORDS) for i in range(k)]
+        out.append(" ".join(words).capitalize() + ".")
+    return out
+
+
+def build_tokenizer(path: str | Path, vocab_size: int = 384, chat_template: str | None = CHATML_TEMPLATE):
+    """Train a byte-level BPE tokenizer and save it as a transformers tokenizer folder."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(synthetic_sentences(2000, seed=1) + ["user assistant system"] * 20, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
+        additional_special_tokens=specials[1:])
+    if chat_template is not None:
+        fast.chat_template = chat_template
+    path = Path(path)
+    fast.save_pretrained(path)
+    return fast
+
+
+def build_llama(path: str | Path | None, vocab_size: int, *, hidden_size: int = 32, layers: int = 2,
+                heads: int = 4, intermediate: int = 64, seed: int = 0, **extra):
+    """A tiny random Llama, saved to ``path`` when given. Returns the model."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate,
+        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+        max_position_embeddings=256, tie_word_embeddings=False, **extra)
+    model = LlamaForCausalLM(cfg)
+    if path is not None:
+        model.save_pretrained(Path(path))
+    return model
+
+
+def write_jsonl(path: str | Path, rows: list[dict]) -> Path:
+    path = Path(path)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def chat_rows(n: int, seed: int = 0) -> list[dict]:
+    """OpenAI-style ``messages`` rows with system/user/assistant turns."""
+    sents = synthetic_sentences(3 * n, seed=seed)
+    rows = []
+    for i in range(n):
+        msgs = [{"role": "user", "content": sents[3 * i]}, {"role": "assistant", "content": sents[3 * i + 1]}]
+        if i % 3 == 0:
+            msgs = [{"role": "system", "content": "Be brief."}] + msgs + [
+                {"role": "user", "content": "More."}, {"role": "assistant", "content": sents[3 * i + 2]}]
+        rows.append({"messages": msgs})
+    return rows
