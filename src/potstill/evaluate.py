@@ -122,15 +122,15 @@ def evaluate(
     split: str | None = None,
     tokenizer: Any = None,
     max_length: int | None = None,
-    batch_size: int = 8,
+    batch_size: int | None = None,
     max_batches: int | None = None,
-    precision: str = "auto",
+    precision: str | None = None,
     progress: bool = True,
 ) -> dict[str, float]:
     """Evaluate a model folder, a finished run directory, or a model object.
 
     For a run directory (one that holds ``config.yaml`` and ``student/``) the run's
-    validation data and teacher are used unless ``data`` / ``teacher`` are given.
+    validation data, teacher, precision and batch size are used unless given here.
     """
     from .config import DataConfig, TeacherConfig, validate_config
     from .errors import ConfigError
@@ -144,6 +144,10 @@ def evaluate(
 
         run_cfg = validate_config(read_yaml(Path(model) / "config.yaml"))
         model = Path(model) / "student"
+    if precision is None:
+        precision = run_cfg.train.precision if run_cfg else "auto"
+    if batch_size is None:
+        batch_size = (run_cfg.eval.batch_size or run_cfg.train.batch_size) if run_cfg else 8
     precision = resolve_precision(precision)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     student = load_causal_lm(str(model) if isinstance(model, Path) else model, revision=None, dtype=None,
