@@ -1,0 +1,317 @@
+"""Rows -> token ids and a loss mask, one example per row.
+
+Formats (``data.format``; ``auto`` picks the first whose columns exist, in this order):
+
+* ``text``: ``text_field`` tokenized (with the tokenizer's own special tokens, e.g. BOS),
+  EOS appended; loss on every token.
+* ``messages``: ``messages_field`` holds OpenAI-style ``{"role", "content"}`` lists,
+  rendered with ``data.chat_template`` or the tokenizer's template.
+* ``sharegpt``: ``conversations_field`` holds ``{"from", "value"}`` lists; converted to
+  messages (human/user -> user, gpt/assistant -> assistant, system -> system).
+* ``prompt_completion``: ``prompt_field`` and ``completion_field``. With a chat template,
+  a user/assistant exchange (a prompt that is already a message list is extended by the
+  completion); without one, ``prompt + completion + EOS`` tokenized separately.
+
+Loss: with ``assistant_only_loss`` (default), chat examples carry loss only on the
+assistant messages' content plus the template's end-of-turn token (e.g. ``<|im_end|>``),
+never on role headers, and plain prompt/completion examples only on the completion and
+EOS. Assistant character spans come from rendering prefixes of the conversation
+(``messages[:i]`` with ``add_generation_prompt=True`` against ``messages[:i+1]``), then
+tokens are picked with the fast tokenizer's offset mapping; no ``{% generation %}``
+markers needed. Every chat example ends in EOS (appended, without loss under
+``assistant_only_loss``, unless the rendering already ends in the EOS token, as ChatML
+does when EOS is ``<|im_end|>``) so that packed examples stay separated.
+
+Skipped, and counted in ``stats``: empty texts/conversations, and conversations without
+an assistant turn under ``assistant_only_loss`` (they would carry no loss).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from ..errors import DataError
+
+FORMATS = ("text", "messages", "sharegpt", "prompt_completion")
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "chatgpt": "assistant", "bard": "assistant", "model": "assistant", "system": "system"}
+_BATCH = 512
+_SENTINEL = "\u2063POTSTILL_ASSISTANT_SPAN\u2063"
+
+
+@dataclass
+class Encoded:
+    """Tokenized examples of one split, flat: example ``k`` is ``tokens[o[k]:o[k+1]]``."""
+
+    tokens: np.ndarray  # int32 (N,)
+    loss: np.ndarray  # uint8 (N,), 1 where the token is a training target
+    lengths: np.ndarray  # int64 (E,)
+    format: str
+    stats: dict[str, int] = field(default_factory=dict)  # rows, examples, empty, no_assistant
+
+
+def detect_format(columns: list[str], cfg, describe: str) -> str:
+    """The format named by ``cfg.format``, or the one whose columns exist (``auto``)."""
+    if cfg.format != "auto":
+        return cfg.format
+    if cfg.text_field in columns:
+        return "text"
+    if cfg.messages_field in columns:
+        return "messages"
+    if cfg.conversations_field in columns:
+        return "sharegpt"
+    if cfg.prompt_field in columns and cfg.completion_field in columns:
+        return "prompt_completion"
+    hint = (" (these rows look like the messages of ONE conversation: wrap each conversation in a list)"
+            if {"role", "content"} <= set(columns) else "")
+    raise DataError(
+        f"cannot tell the format of {describe}: columns found: {', '.join(columns) or 'none'}{hint}; set "
+        f"data.text_field (plain text, now '{cfg.text_field}'), data.messages_field (role/content chats, now "
+        f"'{cfg.messages_field}'), data.conversations_field (ShareGPT from/value, now '{cfg.conversations_field}') "
+        f"or data.prompt_field + data.completion_field (now '{cfg.prompt_field}', '{cfg.completion_field}'), "
+        "or set data.format")
+
+
+def _required(fmt: str, cfg) -> list[tuple[str, str]]:
+    return {"text": [(cfg.text_field, "text_field")], "messages": [(cfg.messages_field, "messages_field")],
+            "sharegpt": [(cfg.conversations_field, "conversations_field")],
+            "prompt_completion": [(cfg.prompt_field, "prompt_field"), (cfg.completion_field, "completion_field")],
+            }[fmt]
+
+
+def tokenize_rows(rows, cfg, tokenizer, *, where: Callable[[int], str], describe: str = "the data",
+                  row_ids: np.ndarray | None = None, progress: bool = False, desc: str = "tokenizing") -> Encoded:
+    """Format and tokenize every row of ``rows`` (a ``datasets.Dataset``); see the module doc."""
+    from tqdm.auto import tqdm
+
+    rows = rows.with_format(None)  # plain Python values, whatever format the caller set
+    columns = list(rows.column_names)
+    fmt = detect_format(columns, cfg, describe)
+    row_ids = np.arange(len(rows)) if row_ids is None else row_ids
+    for col, opt in _required(fmt, cfg):
+        if col not in columns:
+            first = where(int(row_ids[0])) if len(rows) else describe
+            raise DataError(f"{first}: row has no '{col}' field (format '{fmt}'; the rows have columns: "
+                            f"{', '.join(columns) or 'none'}): set data.{opt} to the column that holds it")
+    enc = _Encoder(fmt, cfg, tokenizer, where)
+    with tqdm(total=len(rows), desc=desc, unit="row", disable=not progress) as bar:
+        for start in range(0, len(rows), _BATCH):
+            batch = rows[start:start + _BATCH]
+            n = len(batch[columns[0]])
+            enc.add_batch(batch, [int(i) for i in row_ids[start:start + n]])
+            bar.update(n)
+    return enc.finish(len(rows))
+
+
+class _Encoder:
+    def __init__(self, fmt: str, cfg, tokenizer, where: Callable[[int], str]):
+        self.fmt, self.cfg, self.tok, self.where = fmt, cfg, tokenizer, where
+        self.eos = tokenizer.eos_token_id
+        self.tokens: list[np.ndarray] = []
+        self.loss: list[np.ndarray] = []
+        self.stats = {"empty": 0, "no_assistant": 0}
+        has_template = cfg.chat_template is not None or bool(getattr(tokenizer, "chat_template", None))
+        self.chat = ChatRenderer(tokenizer, cfg) if fmt in ("messages", "sharegpt") or (
+            fmt == "prompt_completion" and has_template) else None
+
+    def finish(self, n_rows: int) -> Encoded:
+        lengths = np.array([len(t) for t in self.tokens], dtype=np.int64)
+        tokens = np.concatenate(self.tokens).astype(np.int32) if self.tokens else np.zeros(0, np.int32)
+        loss = np.concatenate(self.loss).astype(np.uint8) if self.loss else np.zeros(0, np.uint8)
+        stats = {"rows": n_rows, "examples": len(lengths), **self.stats}
+        return Encoded(tokens, loss, lengths, self.fmt, stats)
+
+    def _value(self, batch: dict, col: str, opt: str, j: int, row_id: int, kinds: tuple, kind_name: str) -> Any:
+        value = batch[col][j]
+        if value is None:
+            raise DataError(f"{self.where(row_id)}: row has no '{col}' field (missing or null): add it to every "
+                            f"row, drop the row, or set data.{opt} to the column that holds it")
+        if not isinstance(value, kinds):
+            raise DataError(f"{self.where(row_id)}: field '{col}' is a {type(value).__name__}, expected {kind_name}: "
+                            "fix the row or set data.format")
+        return value
+
+    def _append(self, ids, mask, ends_in_eos: bool = False) -> None:
+        ids, mask = list(ids), list(mask)
+        if not ends_in_eos and (not ids or ids[-1] != self.eos):
+            ids.append(self.eos)
+            mask.append(0 if (self.cfg.assistant_only_loss and self.fmt != "text") else 1)
+        self.tokens.append(np.asarray(ids, dtype=np.int64))
+        self.loss.append(np.asarray(mask, dtype=np.uint8))
+
+    def add_batch(self, batch: dict, row_ids: list[int]) -> None:
+        cfg = self.cfg
+        if self.fmt == "text":
+            texts = [self._value(batch, cfg.text_field, "text_field", j, r, (str,), "a string")
+                     for j, r in enumerate(row_ids)]
+            kept = [t for t in texts if t.strip()]
+            self.stats["empty"] += len(texts) - len(kept)
+            for ids in (self.tok(kept, add_special_tokens=True)["input_ids"] if kept else []):
+                self._append(ids, [1] * len(ids))
+            return
+        if self.fmt == "prompt_completion" and self.chat is None:
+            self._plain_prompt_completion(batch, row_ids)
+            return
+        convs = []
+        for j, r in enumerate(row_ids):
+            msgs = self._messages(batch, j, r)
+            if not msgs:
+                self.stats["empty"] += 1
+            elif cfg.assistant_only_loss and not any(m.get("role") == "assistant" for m in msgs):
+                self.stats["no_assistant"] += 1
+            else:
+                convs.append((r, msgs))
+        self._chat_batch(convs)
+
+    def _messages(self, batch: dict, j: int, r: int) -> list[dict]:
+        cfg = self.cfg
+        if self.fmt == "messages":
+            conv = self._value(batch, cfg.messages_field, "messages_field", j, r, (list, tuple), "a list of messages")
+            return [_check_message(m, k, self.where(r), cfg.messages_field) for k, m in enumerate(conv)]
+        if self.fmt == "sharegpt":
+            conv = self._value(batch, cfg.conversations_field, "conversations_field", j, r, (list, tuple),
+                               "a list of {from, value} turns")
+            return [_sharegpt_turn(t, k, self.where(r), cfg.conversations_field) for k, t in enumerate(conv)]
+        prompt = self._value(batch, cfg.prompt_field, "prompt_field", j, r, (str, list, tuple), "a string or messages")
+        completion = self._value(batch, cfg.completion_field, "completion_field", j, r, (str, list, tuple),
+                                 "a string or messages")
+        msgs = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+        msgs += [{"role": "assistant", "content": completion}] if isinstance(completion, str) else list(completion)
+        return [_check_message(m, k, self.where(r), cfg.prompt_field) for k, m in enumerate(msgs)]
+
+    def _chat_batch(self, convs: list[tuple[int, list[dict]]]) -> None:
+        if not convs:
+            return
+        only = self.cfg.assistant_only_loss
+        rendered = [self.chat.spans(msgs, self.where(r)) if only else (self.chat.render(msgs, where=self.where(r)), [])
+                    for r, msgs in convs]
+        texts = [text for text, _ in rendered]
+        if only:
+            if not getattr(self.tok, "is_fast", False):
+                raise DataError("assistant_only_loss needs a fast tokenizer (for its offset mapping), but "
+                                f"{type(self.tok).__name__} is not one: load it with use_fast=True or set "
+                                "data.assistant_only_loss=false")
+            enc = self.tok(texts, add_special_tokens=False, return_offsets_mapping=True)
+        else:
+            enc = self.tok(texts, add_special_tokens=False)
+        eos_text = self.tok.eos_token
+        for k, (text, spans) in enumerate(rendered):
+            ids = enc["input_ids"][k]
+            ends = bool(eos_text) and text.rstrip().endswith(eos_text)  # e.g. eos == <|im_end|>: no extra EOS
+            if not only:
+                self._append(ids, [1] * len(ids), ends)
+                continue
+            offs = np.asarray(enc["offset_mapping"][k], dtype=np.int64).reshape(-1, 2)
+            mask = np.zeros(len(ids), dtype=bool)
+            for s, e in spans:
+                mask |= (offs[:, 0] < e) & (offs[:, 1] > s)
+            self._append(ids, mask.astype(np.uint8), ends)
+
+    def _plain_prompt_completion(self, batch: dict, row_ids: list[int]) -> None:
+        cfg = self.cfg
+        pairs = []
+        for j, r in enumerate(row_ids):
+            p = self._value(batch, cfg.prompt_field, "prompt_field", j, r, (str, list, tuple), "a string")
+            c = self._value(batch, cfg.completion_field, "completion_field", j, r, (str, list, tuple), "a string")
+            if not isinstance(p, str) or not isinstance(c, str):
+                ChatRenderer(self.tok, cfg)  # message lists need a template: raises the clear error
+            if not (p + c).strip():
+                self.stats["empty"] += 1
+            else:
+                pairs.append((p, c))
+        if not pairs:
+            return
+        prompts = self.tok([p for p, _ in pairs], add_special_tokens=True)["input_ids"]
+        completions = self.tok([c for _, c in pairs], add_special_tokens=False)["input_ids"]
+        for p_ids, c_ids in zip(prompts, completions):
+            c_ids = list(c_ids) + [self.eos]
+            p_mask = 0 if cfg.assistant_only_loss else 1
+            self._append(list(p_ids) + c_ids, [p_mask] * len(p_ids) + [1] * len(c_ids))
+
+
+def _check_message(m: Any, k: int, where: str, col: str) -> dict:
+    if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+        raise DataError(f"{where}: message {k} of '{col}' has no 'role' (got {str(m)[:80]!r}): each message "
+                        "needs 'role' and 'content' (for from/value turns set data.format=sharegpt)")
+    return {key: v for key, v in m.items() if v is not None}
+
+
+def _sharegpt_turn(t: Any, k: int, where: str, col: str) -> dict:
+    if not isinstance(t, dict) or "from" not in t or "value" not in t:
+        raise DataError(f"{where}: turn {k} of '{col}' is not a {{from, value}} dict (got {str(t)[:80]!r}): fix "
+                        "the row (for role/content messages set data.format=messages)")
+    role = SHAREGPT_ROLES.get(str(t["from"]).lower())
+    if role is None:
+        raise DataError(f"{where}: turn {k} of '{col}' has unknown speaker '{t['from']}': use one of "
+                        f"{', '.join(SHAREGPT_ROLES)}")
+    return {"role": role, "content": t["value"]}
+
+
+class ChatRenderer:
+    """Renders conversations with the chat template and finds the assistant character spans."""
+
+    def __init__(self, tokenizer, cfg):
+        self.tok = tokenizer
+        self.template = cfg.chat_template
+        try:
+            tokenizer.get_chat_template(cfg.chat_template)
+        except (ValueError, AttributeError):
+            raise DataError(
+                f"the tokenizer ({type(tokenizer).__name__}) has no chat template and data.chat_template is not "
+                "set, so chat rows cannot be rendered: set data.chat_template to a Jinja chat template (e.g. "
+                "ChatML), or use data.format=text for plain text") from None
+        added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+        specials = set(getattr(tokenizer, "all_special_tokens", [])) | {
+            str(t) for t in added.values() if getattr(t, "special", False)}
+        self.specials = sorted((s for s in specials if s), key=len, reverse=True)
+
+    def render(self, msgs: list[dict], gen: bool = False, *, where: str = "") -> str:
+        try:
+            return self.tok.apply_chat_template(msgs, chat_template=self.template, tokenize=False,
+                                                add_generation_prompt=gen)
+        except Exception as err:  # noqa: BLE001 - jinja errors and template raise_exception()
+            raise DataError(f"{where}: the chat template failed on this conversation ({type(err).__name__}: "
+                            f"{err}): fix the roles or their order, or set data.chat_template") from None
+
+    def spans(self, msgs: list[dict], where: str) -> tuple[str, list[tuple[int, int]]]:
+        """The full rendering and the character spans of assistant content + end-of-turn token."""
+        full = self.render(msgs, where=where)
+        spans = []
+        for i, m in enumerate(msgs):
+            if m.get("role") != "assistant":
+                continue
+            if i == 0:  # nothing to render before it: cut a probe at a sentinel content
+                probe = self.render([{**m, "content": _SENTINEL}], where=where)
+                prefix = probe[:max(probe.find(_SENTINEL), 0)]
+            else:
+                prefix = self.render(msgs[:i], gen=True, where=where)
+            upto = self.render(msgs[:i + 1], where=where)
+            if not (upto.startswith(prefix) and full.startswith(upto)):
+                raise DataError(
+                    f"{where}: the chat template is not prefix-consistent (the conversation rendered up to "
+                    f"message {i} does not extend the rendering of the earlier messages), so assistant tokens "
+                    "cannot be located: set data.assistant_only_loss=false to train on all tokens, or set "
+                    "data.chat_template to a template that renders earlier turns the same way")
+            begin, end = self._turn_span(upto[len(prefix):], m.get("content"))
+            spans.append((len(prefix) + begin, len(prefix) + end))
+        return full, spans
+
+    def _turn_span(self, turn: str, content: Any) -> tuple[int, int]:
+        """Within an assistant turn (the text after the generation prompt): from the content
+        (if the generation prompt is shorter than the turn's header, the rest of the header is
+        skipped) to the end of the first special token after it (the end-of-turn marker)."""
+        begin = frm = 0
+        if isinstance(content, str) and content.strip():
+            for c in (content, content.strip()):
+                k = turn.find(c)
+                if k >= 0:
+                    begin, frm = k, k + len(c)
+                    break
+        hits = [(turn.find(s, frm), -len(s)) for s in self.specials if turn.find(s, frm) >= 0]
+        if not hits:
+            return begin, len(turn)
+        pos, neg_len = min(hits)
+        return begin, pos - neg_len

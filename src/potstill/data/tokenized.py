@@ -1,0 +1,258 @@
+"""Packed or per-example token arrays, their on-disk cache, and the batch collator.
+
+On disk, one folder per fingerprint under the cache root::
+
+    <root>/<fingerprint>/tokens.npy   int32 (N,)   token ids of all items, back to back
+                         loss.npy     uint8 (N,)   1 where the token is a training target
+                         offsets.npy  int64 (I+1,) item i is tokens[offsets[i]:offsets[i+1]]
+                         manifest.json             counts, settings, format version
+
+Items are blocks of exactly ``max_length`` tokens (packing) or single truncated examples.
+Folders are written to a temporary name in the same parent, fsynced and renamed, so a
+folder that exists is complete; arrays are memory-mapped on load.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import DataError
+from .formats import Encoded
+
+FORMAT_VERSION = 1
+IGNORE_INDEX = -100
+_ARRAYS = ("tokens", "loss", "offsets")
+log = logging.getLogger("potstill")
+
+
+class TokenizedDataset(torch.utils.data.Dataset):
+    """Token items ready for a causal LM.
+
+    ``ds[i]`` is ``{"input_ids": LongTensor (L,), "labels": LongTensor (L,)}`` with
+    ``labels == -100`` where no loss applies (prompts, role headers, separators).
+    ``n_tokens`` counts every token of every item, ``n_loss_tokens`` the tokens whose label
+    is not -100 (before the one-position shift that the loss applies).
+    """
+
+    def __init__(self, tokens: np.ndarray, loss: np.ndarray, offsets: np.ndarray, manifest: dict[str, Any],
+                 cache_path: Path | None = None):
+        self.tokens, self.loss, self.offsets = tokens, loss, offsets
+        self.manifest = manifest
+        self.cache_path = cache_path
+        self.fingerprint: str = manifest["fingerprint"]
+        self.max_length: int = int(manifest["max_length"])
+        self.packing: bool = bool(manifest["packing"])
+        self.n_tokens: int = int(manifest["n_tokens"])
+        self.n_loss_tokens: int = int(manifest["n_loss_tokens"])
+        self.stats: dict[str, Any] = manifest.get("stats", {})
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(f"item {i} out of range for {n} items")
+        i %= n
+        a, b = int(self.offsets[i]), int(self.offsets[i + 1])
+        input_ids = torch.from_numpy(np.asarray(self.tokens[a:b], dtype=np.int64))
+        labels = input_ids.clone()
+        labels[torch.from_numpy(np.asarray(self.loss[a:b]) == 0)] = IGNORE_INDEX
+        return {"input_ids": input_ids, "labels": labels}
+
+    @classmethod
+    def load(cls, path: Path) -> "TokenizedDataset":
+        """Memory-map a cache folder (raises on anything incomplete or from another version)."""
+        manifest = json.loads((path / "manifest.json").read_text(encoding="utf-8"))
+        if manifest.get("version") != FORMAT_VERSION:
+            raise ValueError(f"cache format {manifest.get('version')} != {FORMAT_VERSION}")
+        arrays = {name: np.load(path / f"{name}.npy", mmap_mode="r") for name in _ARRAYS}
+        if len(arrays["tokens"]) != len(arrays["loss"]) or int(arrays["offsets"][-1]) != len(arrays["tokens"]):
+            raise ValueError("array lengths disagree")
+        return cls(arrays["tokens"], arrays["loss"], arrays["offsets"], manifest, cache_path=path)
+
+    # Workers started with spawn get the folder to re-map, not a copy of the arrays.
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        if self.cache_path is not None:
+            state.update(tokens=None, loss=None, offsets=None)
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        if self.tokens is None:
+            for name in _ARRAYS:
+                setattr(self, name, np.load(Path(self.cache_path) / f"{name}.npy", mmap_mode="r"))
+
+
+def collate(examples: list[dict], pad_token_id: int | None) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest item: input_ids (B, T) with ``pad_token_id``, labels (B, T)
+    with -100, attention_mask (B, T) long, 1 on real tokens.
+
+    Padding is masked out of attention and loss, so a tokenizer without a pad token
+    (``pad_token_id=None``) pads with id 0."""
+    if not examples:
+        raise ValueError("collate() got an empty list of examples")
+    longest = max(len(e["input_ids"]) for e in examples)
+    batch = len(examples)
+    input_ids = torch.full((batch, longest), int(pad_token_id or 0), dtype=torch.long)
+    labels = torch.full((batch, longest), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((batch, longest), dtype=torch.long)
+    for k, e in enumerate(examples):
+        n = len(e["input_ids"])
+        input_ids[k, :n] = torch.as_tensor(e["input_ids"], dtype=torch.long)
+        labels[k, :n] = torch.as_tensor(e["labels"], dtype=torch.long)
+        attention_mask[k, :n] = 1
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+
+
+def count_loss_tokens(labels: torch.Tensor) -> int:
+    """Positions that count after the shift (``logits[:, :-1]`` predicts ``labels[:, 1:]``)."""
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+def pack(enc: Encoded, max_length: int, packing: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, int]]:
+    """Cut examples into items: (tokens int32, loss uint8, offsets int64, counts).
+
+    packing: all examples back to back, blocks of exactly ``max_length``, the partial tail
+    dropped (unless it is all there is: then one shorter block). Else: one item per
+    example, truncated to ``max_length``; examples left without loss tokens are dropped.
+    """
+    total = len(enc.tokens)
+    if packing:
+        n_blocks = total // max_length
+        if n_blocks == 0 and total > 0:
+            return enc.tokens, enc.loss, np.array([0, total], np.int64), {"dropped_tokens": 0, "truncated": 0}
+        keep = n_blocks * max_length
+        offsets = np.arange(n_blocks + 1, dtype=np.int64) * max_length
+        return enc.tokens[:keep], enc.loss[:keep], offsets, {"dropped_tokens": total - keep, "truncated": 0}
+    starts = np.concatenate([[0], np.cumsum(enc.lengths)[:-1]]).astype(np.int64)
+    kept = np.minimum(enc.lengths, max_length)
+    index = np.repeat(starts, kept) + (np.arange(int(kept.sum())) - np.repeat(np.cumsum(kept) - kept, kept))
+    tokens, loss = enc.tokens[index], enc.loss[index]
+    item_loss = np.add.reduceat(loss.astype(np.int64), np.cumsum(kept) - kept) if len(kept) else np.zeros(0)
+    alive = (kept > 0) & (item_loss > 0)
+    if not alive.all():  # truncation cut away every loss token of these examples
+        keep_tok = np.repeat(alive, kept)
+        tokens, loss, kept = tokens[keep_tok], loss[keep_tok], kept[alive]
+    offsets = np.concatenate([[0], np.cumsum(kept)]).astype(np.int64)
+    counts = {"dropped_tokens": int(total - len(tokens)), "truncated": int((enc.lengths > max_length).sum()),
+              "no_loss_after_truncation": int((~alive).sum())}
+    return tokens.astype(np.int32), loss.astype(np.uint8), offsets, counts
+
+
+def make_dataset(enc: Encoded, *, fingerprint: str, max_length: int, packing: bool, role: str, describe: str,
+                 cache_root: Path | None) -> TokenizedDataset:
+    """Pack ``enc``, write it to ``cache_root/fingerprint`` (when possible) and return the dataset."""
+    tokens, loss, offsets, counts = pack(enc, max_length, packing)
+    if not loss.any():
+        raise DataError(f"the {role} data from {describe} has no loss tokens left after truncation to "
+                        f"data.max_length={max_length} ({len(enc.lengths)} examples): raise data.max_length, "
+                        "shorten the prompts, or set data.packing=true")
+    manifest = {
+        "version": FORMAT_VERSION, "fingerprint": fingerprint, "role": role, "source": describe,
+        "format": enc.format, "max_length": max_length, "packing": packing,
+        "n_items": len(offsets) - 1, "n_tokens": int(len(tokens)), "n_loss_tokens": int(loss.sum(dtype=np.int64)),
+        "stats": {**enc.stats, **counts},
+    }
+    arrays = {"tokens": tokens, "loss": loss, "offsets": offsets}
+    path = None
+    if cache_root is not None:
+        try:
+            path = write_cache(cache_root, fingerprint, arrays, manifest)
+        except OSError as err:
+            log.warning("potstill: could not write the data cache under %s (%s); keeping the tokens in memory",
+                        cache_root, err)
+    if path is not None:
+        try:
+            return TokenizedDataset.load(path)
+        except (OSError, ValueError):
+            pass
+    return TokenizedDataset(tokens, loss, offsets, manifest, cache_path=None)
+
+
+def load_cache(cache_root: Path, fingerprint: str) -> TokenizedDataset | None:
+    """The cached dataset for ``fingerprint``, or None; a broken folder is removed."""
+    path = cache_root / fingerprint
+    if not path.is_dir():
+        return None
+    try:
+        ds = TokenizedDataset.load(path)
+        if ds.fingerprint != fingerprint:
+            raise ValueError("fingerprint mismatch")
+        return ds
+    except (OSError, ValueError, KeyError) as err:
+        log.warning("potstill: ignoring unreadable data cache %s (%s); rebuilding", path, err)
+        shutil.rmtree(path, ignore_errors=True)
+        return None
+
+
+def write_cache(cache_root: Path, fingerprint: str, arrays: dict[str, np.ndarray], manifest: dict) -> Path:
+    """Write the folder atomically: temp dir in the same parent, fsync every file, rename."""
+    cache_root.mkdir(parents=True, exist_ok=True)
+    final = cache_root / fingerprint
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{fingerprint[:16]}-", dir=cache_root))
+    try:
+        for name, array in arrays.items():
+            with open(tmp / f"{name}.npy", "wb") as fh:
+                np.save(fh, np.ascontiguousarray(array))
+                fh.flush()
+                os.fsync(fh.fileno())
+        with open(tmp / "manifest.json", "w", encoding="utf-8") as fh:
+            json.dump(manifest, fh, indent=1, sort_keys=True)
+            fh.flush()
+            os.fsync(fh.fileno())
+        _fsync_dir(tmp)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not (final / "manifest.json").is_file():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)  # another process finished the same folder first
+        _fsync_dir(cache_root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return  # e.g. Windows: directories cannot be opened
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def tokenizer_state(tokenizer) -> str:
+    """Everything about a tokenizer that changes token ids: its serialized pipeline (vocab, merges,
+    normalizer, pre-tokenizer, post-processor, added tokens), special tokens, chat template."""
+    state: dict[str, Any] = {"class": type(tokenizer).__name__}
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        pipeline = json.loads(backend.to_str())
+        pipeline.pop("truncation", None)  # per-call settings, not identity
+        pipeline.pop("padding", None)
+        state["backend"] = pipeline
+    else:
+        state["vocab"] = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+    state["added"] = {str(k): repr(v) for k, v in (getattr(tokenizer, "added_tokens_decoder", {}) or {}).items()}
+    state["special"] = {k: str(v) for k, v in (getattr(tokenizer, "special_tokens_map", {}) or {}).items()}
+    for attr in ("bos_token_id", "eos_token_id", "pad_token_id", "add_bos_token", "add_eos_token",
+                 "chat_template", "clean_up_tokenization_spaces"):
+        state[attr] = getattr(tokenizer, attr, None)
+    return json.dumps(state, sort_keys=True, default=repr, ensure_ascii=False)
