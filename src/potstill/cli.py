@@ -22,6 +22,8 @@ def cmd_distill(args: argparse.Namespace) -> int:
     from .train import distill
 
     result = distill(args.config, overrides=args.overrides, progress=not args.no_progress)
+    if os.environ.get("RANK", "0") != "0":
+        return 0  # under torchrun / accelerate launch only the main process reports
     print(f"student saved to {result.student_dir}")
     if result.final_eval:
         print(format_table({"student": result.final_eval}))

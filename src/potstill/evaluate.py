@@ -62,10 +62,10 @@ def evaluate_models(
 
     rank = accelerator.process_index if accelerator is not None else 0
     world = accelerator.num_processes if accelerator is not None else 1
-    indices = list(range(rank, len(dataset), world))
-    batches = [indices[i:i + batch_size] for i in range(0, len(indices), batch_size)]
-    if max_batches is not None:
-        batches = batches[:max_batches]
+    # The cap applies to the whole evaluation, then processes share out its batches, so the
+    # result is the same however many processes run it.
+    batches = [list(range(i, min(i + batch_size, len(dataset)))) for i in range(0, len(dataset), batch_size)]
+    batches = batches[:max_batches][rank::world]
     was_training = student.training
     student.eval()
     sums = {k: torch.zeros((), dtype=torch.float64) for k in ("ce", "n")}

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -67,7 +68,12 @@ def distill(config: DistillConfig | dict | str | Path, *, overrides=(), progress
 
     cfg = as_config(config, overrides)
     precision = resolve_precision(cfg.train.precision)
-    accelerator = Accelerator(mixed_precision=accelerate_mixed_precision(precision))
+    # cpu=True where there is no GPU: only then does Accelerate see a torchrun/mpirun world on CPUs.
+    accelerator = Accelerator(mixed_precision=accelerate_mixed_precision(precision), cpu=not torch.cuda.is_available())
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and accelerator.num_processes != launched:
+        raise RunDirError(f"launched as {launched} processes but Accelerate sees {accelerator.num_processes}: "
+                          "each would train alone; check the launcher's distributed settings")
     run_dir = Path(cfg.output.dir)
     lock = ckpt.RunLock(run_dir).acquire() if accelerator.is_main_process else None
     try:
