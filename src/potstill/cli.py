@@ -62,9 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Run 'potstill COMMAND --help' for a command's options.")
     parser.add_argument("--version", action="version", version=f"potstill {__version__}")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks and debug logs")
+    # --debug is accepted after the command too: `potstill distill run.yaml --debug`.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    p = sub.add_parser("distill", help="distill a teacher into a student from a YAML config",
+    p = sub.add_parser("distill", parents=[common], help="distill a teacher into a student from a YAML config",
                        description="Distill a teacher into a student. Overrides are dotted keys: "
                                    "train.lr=3e-4 loss.logits.temperature=2.0. Environment variables "
                                    "POTSTILL_SECTION__KEY=value apply between the file and the overrides.")
@@ -73,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_distill)
 
-    p = sub.add_parser("evaluate", help="perplexity, teacher-student KL and agreement of a model or run",
+    p = sub.add_parser("evaluate", parents=[common], help="perplexity, teacher-student KL and agreement of a model or run",
                        description="Evaluate a run directory (uses its validation data and teacher) or a model "
                                    "folder on --data.")
     p.add_argument("model", help="run directory or model folder / hub id")

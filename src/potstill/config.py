@@ -43,11 +43,11 @@ class TeacherConfig(_Section):
     """The frozen model that teaches. Loaded with ``AutoModelForCausalLM``."""
 
     name_or_path: NameOrObject | None = Field(None, description="hub id, local folder, or an nn.Module")
-    revision: str | None = None
+    revision: str | None = Field(None, description="hub branch, tag or commit")
     tokenizer: NameOrObject | None = Field(None, description="defaults to name_or_path")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="auto: bfloat16 when training in bf16, else float32")
-    trust_remote_code: bool = False
+    trust_remote_code: bool = Field(False, description="allow model code from the hub repository")
 
 
 class FromTeacherConfig(_Section):
@@ -69,13 +69,13 @@ class StudentConfig(_Section):
     """The model that learns: pretrained, built from a config, or cut from the teacher."""
 
     name_or_path: NameOrObject | None = Field(None, description="hub id, local folder, or an nn.Module")
-    revision: str | None = None
+    revision: str | None = Field(None, description="hub branch, tag or commit")
     tokenizer: NameOrObject | None = Field(None, description="defaults to the student's, else the teacher's")
     config: dict[str, Any] | None = Field(
         None, description="model config fields for a randomly initialized student (model_type defaults to the teacher's)")
-    from_teacher: FromTeacherConfig | None = None
-    trust_remote_code: bool = False
-    gradient_checkpointing: bool = False
+    from_teacher: FromTeacherConfig | None = Field(None, description="default when no student section is given: every: 2")
+    trust_remote_code: bool = Field(False, description="allow model code from the hub repository")
+    gradient_checkpointing: bool = Field(False, description="recompute activations in backward: less memory, ~30% slower")
 
     @model_validator(mode="after")
     def _one_source(self) -> "StudentConfig":
@@ -92,14 +92,15 @@ class DataConfig(_Section):
 
     source: Any = Field(None, description="hub dataset name, local file/glob/folder, list of them, or an object")
     config_name: str | None = Field(None, description="hub dataset configuration name")
-    split: str = "train"
-    revision: str | None = None
-    format: Literal["auto", "text", "messages", "sharegpt", "prompt_completion"] = "auto"
-    text_field: str = "text"
-    messages_field: str = "messages"
-    conversations_field: str = "conversations"
-    prompt_field: str = "prompt"
-    completion_field: str = "completion"
+    split: str = Field("train", description="hub dataset split")
+    revision: str | None = Field(None, description="hub dataset revision")
+    format: Literal["auto", "text", "messages", "sharegpt", "prompt_completion"] = Field(
+        "auto", description="auto: detected from the columns")
+    text_field: str = Field("text", description="column of plain text")
+    messages_field: str = Field("messages", description="column of OpenAI-style role/content lists")
+    conversations_field: str = Field("conversations", description="column of ShareGPT from/value lists")
+    prompt_field: str = Field("prompt", description="prompt column (prompt_completion format)")
+    completion_field: str = Field("completion", description="completion column; loss only there")
     chat_template: str | None = Field(None, description="Jinja chat template; default: the tokenizer's")
     assistant_only_loss: bool = Field(True, description="chat data: loss only on assistant tokens")
     max_length: int = Field(1024, ge=8, description="tokens per training sequence")
@@ -117,9 +118,10 @@ DIVERGENCE_NAMES = ("fkl", "rkl", "jsd", "tvd", "skew_fkl", "skew_rkl", "mse")
 class LogitLossConfig(_Section):
     """Match the student's next-token distribution to the teacher's."""
 
-    weight: float = Field(1.0, ge=0.0)
-    divergence: Literal["fkl", "rkl", "jsd", "tvd", "skew_fkl", "skew_rkl", "mse"] = "fkl"
-    temperature: float = Field(1.0, gt=0.0)
+    weight: float = Field(1.0, ge=0.0, description="weight of the logit term")
+    divergence: Literal["fkl", "rkl", "jsd", "tvd", "skew_fkl", "skew_rkl", "mse"] = Field(
+        "fkl", description="fkl | rkl | jsd | tvd | skew_fkl | skew_rkl | mse")
+    temperature: float = Field(1.0, gt=0.0, description="divides both models' logits before softmax")
     t2_scaling: bool = Field(False, description="multiply the term by temperature**2 (Hinton et al.)")
     beta: float = Field(0.5, ge=0.0, le=1.0, description="jsd only: 0 = forward KL, 1 = reverse KL")
     alpha: float = Field(0.1, ge=0.0, le=1.0, description="skew_fkl / skew_rkl only: skew mixing weight")
@@ -128,7 +130,7 @@ class LogitLossConfig(_Section):
 class CrossEntropyLossConfig(_Section):
     """Ordinary next-token cross-entropy on the data's labels."""
 
-    weight: float = Field(0.0, ge=0.0)
+    weight: float = Field(0.0, ge=0.0, description="weight of hard-label cross-entropy")
 
 
 class LossConfig(_Section):
@@ -147,22 +149,23 @@ class TrainConfig(_Section):
     epochs: float = Field(1.0, gt=0.0, description="used when max_steps is not given")
     batch_size: int = Field(8, ge=1, description="sequences per micro-batch, per process")
     grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
-    lr: float = Field(1e-4, gt=0.0)
-    weight_decay: float = Field(0.0, ge=0.0)
-    adam_betas: tuple[float, float] = (0.9, 0.999)
-    adam_eps: float = Field(1e-8, gt=0.0)
+    lr: float = Field(1e-4, gt=0.0, description="peak learning rate (AdamW)")
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay (not on norms and biases)")
+    adam_betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas")
+    adam_eps: float = Field(1e-8, gt=0.0, description="AdamW epsilon")
     scheduler: Literal["linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
-                       "constant_with_warmup", "inverse_sqrt", "warmup_stable_decay"] = "cosine"
-    warmup_steps: int = Field(0, ge=0)
+                       "constant_with_warmup", "inverse_sqrt", "warmup_stable_decay"] = Field(
+        "cosine", description="learning-rate schedule (transformers.get_scheduler)")
+    warmup_steps: int = Field(0, ge=0, description="linear warmup steps")
     warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0, description="used when warmup_steps is 0")
     max_grad_norm: float | None = Field(1.0, gt=0.0, description="null: no clipping")
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
         "auto", description="auto: bf16 where the hardware has fast bf16 (CUDA Ampere+, CPU with AMX), else fp32")
-    seed: int = 0
+    seed: int = Field(0, description="model init, data order, validation split")
     resume: Union[bool, str] = Field(False, description="false | auto (latest checkpoint in output.dir) | a checkpoint path")
     checkpoint_every: int | None = Field(500, ge=1, description="steps between checkpoints; one is always written at the end")
     keep_checkpoints: int = Field(2, ge=1, description="keep only the newest K checkpoints")
-    log_every: int = Field(10, ge=1)
+    log_every: int = Field(10, ge=1, description="steps between metrics.jsonl / TensorBoard records")
 
     @model_validator(mode="after")
     def _resume_word(self) -> "TrainConfig":
@@ -178,9 +181,9 @@ class EvalConfig(_Section):
 
 
 class OutputConfig(_Section):
-    dir: str = "runs/potstill"
+    dir: str = Field("runs/potstill", description="run directory: student/, checkpoints/, metrics.jsonl, ...")
     overwrite: bool = Field(False, description="allow starting a fresh run in a folder that holds one")
-    tensorboard: bool = True
+    tensorboard: bool = Field(True, description="write TensorBoard logs to <dir>/tensorboard")
 
 
 class DistillConfig(_Section):
@@ -384,3 +387,23 @@ def config_to_dict(cfg: DistillConfig) -> dict[str, Any]:
 
 def config_to_yaml(cfg: DistillConfig) -> str:
     return yaml.safe_dump(config_to_dict(cfg), sort_keys=False, allow_unicode=True)
+
+
+def reference_markdown() -> str:
+    """The README's config reference, generated from the classes above (a test keeps it current)."""
+    lines = ["| key | default | meaning |", "| --- | --- | --- |"]
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, field in model.model_fields.items():
+            key = f"{prefix}.{name}" if prefix else name
+            nested = _model_at(key.split("."))
+            if nested is not None:
+                walk(nested, key)
+                continue
+            default = field.get_default(call_default_factory=True)
+            shown = "required" if field.is_required() else ("—" if default is None else f"`{default}`")
+            lines.append(f"| `{key}` | {shown} | {field.description or ''} |")
+
+    for section in SECTIONS:
+        walk(_model_at([section]), section)
+    return "\n".join(lines)

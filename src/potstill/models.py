@@ -128,7 +128,12 @@ def load_student(cfg: StudentConfig, *, teacher: nn.Module | None, teacher_token
     if cfg.gradient_checkpointing:
         if not getattr(model, "supports_gradient_checkpointing", False):
             raise ModelError(f"student.gradient_checkpointing: {type(model).__name__} does not support it")
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # transformers 5 renamed it; older versions only have gradient_checkpointing_enable.
+        enable = getattr(model, "activation_checkpointing_enable", None)
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         # The KV cache is useless in training and conflicts with checkpointing.
         if getattr(model, "config", None) is not None:
             model.config.use_cache = False

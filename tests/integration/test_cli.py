@@ -118,9 +118,11 @@ def test_distill_chat_data_end_to_end(tmp_path, teacher_dir, chat_jsonl):
 def test_text_data_padding_and_student_from_teacher(tmp_path, teacher_dir, text_jsonl):
     cfg = base_config(tmp_path, teacher_dir, text_jsonl, data__packing=False, loss__logits__divergence="jsd",
                       train__max_steps=2, train__checkpoint_every=None)
-    cfg["student"] = {"from_teacher": {"layers": [0, 3]}}
+    cfg["student"] = {"from_teacher": {"layers": [0, 3]}, "gradient_checkpointing": True}
+    cfg["train"]["precision"] = "bf16"
     proc = run_cli("distill", str(write_config(tmp_path / "run.yaml", **cfg)), "--no-progress")
     assert proc.returncode == 0, proc.stderr
+    assert "precision bf16" in proc.stderr
     student_cfg = json.loads((tmp_path / "run" / "student" / "config.json").read_text())
     assert student_cfg["num_hidden_layers"] == 2 and student_cfg["hidden_size"] == 48
 
@@ -151,6 +153,8 @@ def test_bad_config_is_one_clear_line(tmp_path, teacher_dir, chat_jsonl, overrid
 def test_debug_shows_the_traceback(tmp_path, teacher_dir, chat_jsonl):
     cfg_path = write_config(tmp_path / "run.yaml", **base_config(tmp_path, teacher_dir, chat_jsonl))
     proc = run_cli("--debug", "distill", str(cfg_path), "loss.logits.beta=2")
+    assert proc.returncode != 0 and "Traceback" in proc.stderr
+    proc = run_cli("distill", str(cfg_path), "loss.logits.beta=2", "--debug")
     assert proc.returncode != 0 and "Traceback" in proc.stderr
 
 

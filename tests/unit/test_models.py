@@ -83,3 +83,28 @@ def test_head_smaller_than_tokenizer_is_refused(tokenizer):
     small = tiny.build_llama(None, 100, hidden_size=16, layers=1, heads=2, intermediate=32)
     with pytest.raises(ModelError, match="do not belong together"):
         check_vocab(small, tokenizer, small, tokenizer)
+
+
+def test_gradient_checkpointing_saves_fewer_activations(teacher_dir):
+    """With checkpointing, far fewer activation bytes are kept for backward; gradients are the same."""
+    teacher, tok = load_teacher(TeacherConfig(name_or_path=str(teacher_dir)), dtype=None)
+    fields = {"hidden_size": 32, "num_hidden_layers": 4, "num_attention_heads": 2, "intermediate_size": 128}
+    x = torch.randint(0, 100, (2, 64))
+    saved, grads = {}, {}
+    for flag in (False, True):
+        torch.manual_seed(0)
+        student, _ = load_student(StudentConfig(config=fields, gradient_checkpointing=flag), teacher=teacher,
+                                  teacher_tokenizer=tok)
+        total = [0]
+
+        def pack(t):
+            total[0] += t.numel() * t.element_size()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = student.model(input_ids=x).last_hidden_state.square().mean()
+        loss.backward()
+        saved[flag] = total[0]
+        grads[flag] = student.model.layers[0].mlp.up_proj.weight.grad.clone()
+    assert saved[True] < 0.5 * saved[False], saved
+    torch.testing.assert_close(grads[True], grads[False])
