@@ -63,7 +63,7 @@ def build_datasets(cfg, tokenizer, *, seed: int = 0, progress: bool = True
                                  what="data.validation_source")
         return builder.build("train", source, "all"), builder.build("validation", val_source, "all")
     if cfg.validation_split is not None:
-        if source.kind not in ("hub", "dataset_dict"):
+        if source.kind not in ("hub", "dataset_dict", "builtin"):
             raise DataError(f"data.validation_split='{cfg.validation_split}' needs a hub dataset or DatasetDict "
                             f"source, but data.source is {source.describe}: set data.validation_source or "
                             "data.validation_fraction instead")

@@ -184,9 +184,25 @@ def _open_path_or_hub(s: str, cfg, split: str, what: str, limit: int | None) -> 
         if path.suffix.lower() not in SUPPORTED_SUFFIXES:
             raise DataError(f"{what}: unsupported file type '{path.suffix}' for {path}: use {_SUPPORTED}")
         return _combine([_from_file(path, cfg)], str(path), "files", limit)
+    if s in BUILTIN_SOURCES:
+        return _from_builtin(s, cfg, split, what, limit)
     if _looks_local(s):
         raise DataError(f"{what}: data file not found: {path} (working directory {os.getcwd()}): check the path")
     return _from_hub(s, cfg, split, what, limit)
+
+
+# Corpora that potstill builds on the user's machine (no download): name -> split file maker.
+BUILTIN_SOURCES = ("python-docs",)
+
+
+def _from_builtin(name: str, cfg, split: str, what: str, limit: int | None) -> RawSource:
+    from ..corpus import python_docs_split_path
+
+    try:
+        path = python_docs_split_path(split)
+    except ValueError as err:
+        raise DataError(f"{what}: built-in corpus '{name}': {err}") from None
+    return _combine([_from_file(path, cfg)], f"built-in corpus '{name}' ({split} split)", "builtin", limit)
 
 
 def _from_hub(name: str, cfg, split: str, what: str, limit: int | None) -> RawSource:
