@@ -136,6 +136,10 @@ class CrossEntropyLossConfig(_Section):
 class LossConfig(_Section):
     logits: LogitLossConfig = Field(default_factory=LogitLossConfig)
     ce: CrossEntropyLossConfig = Field(default_factory=CrossEntropyLossConfig)
+    path: Literal["auto", "chunked", "plain"] = Field(
+        "auto", description="chunked: logits a chunk of tokens at a time, never B x T x V (auto: where the models allow)")
+    chunk_size: int | None = Field(None, ge=1, description="tokens per chunk on the chunked path; default: from memory_budget_mb")
+    memory_budget_mb: float = Field(256.0, gt=0, description="memory for one chunk's logits on the chunked path")
 
     @model_validator(mode="after")
     def _something_to_learn(self) -> "LossConfig":

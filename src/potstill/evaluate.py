@@ -150,7 +150,7 @@ def evaluate(
         batch_size = (run_cfg.eval.batch_size or run_cfg.train.batch_size) if run_cfg else 8
     precision = resolve_precision(precision)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    student = load_causal_lm(str(model) if isinstance(model, Path) else model, revision=None, dtype=None,
+    student = load_causal_lm(str(model) if isinstance(model, Path) else model, revision=None, dtype=torch.float32,
                              trust_remote_code=False, role="model")
     student = freeze(student).to(device)
     if tokenizer is None:
@@ -164,7 +164,7 @@ def evaluate(
     if teacher_ref is not None:
         t_cfg = TeacherConfig(name_or_path=str(teacher_ref) if isinstance(teacher_ref, Path) else teacher_ref,
                               tokenizer=None if isinstance(teacher_ref, (str, Path)) else tok)
-        t_dtype = torch.bfloat16 if precision == "bf16" else None
+        t_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
         t_model, t_tok = load_teacher(t_cfg, dtype=t_dtype)
         t_model = t_model.to(device)
         shared = check_vocab(t_model, t_tok, student, tok).shared

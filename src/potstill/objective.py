@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .config import LossConfig
-from .losses import cross_entropy, logit_divergence
+from .losses import chunked_distill_loss, cross_entropy, logit_divergence
 
 IGNORE_INDEX = -100
 
@@ -90,6 +90,30 @@ class Objective:
             terms["ce"] = ce.detach()
             total = total + self.cfg.ce.weight * ce
         return ObjectiveOutput(weighted_sum=total, n_valid=n_valid, term_sums=terms)
+
+    def fused(self, student_hidden: torch.Tensor, student_head, labels: torch.Tensor,
+              teacher_hidden: torch.Tensor | None = None, teacher_head=None, *,
+              chunk_size: int | None = None, memory_budget_mb: float = 256.0) -> ObjectiveOutput:
+        """The same objective from final hidden states and heads, never holding B x T x V logits.
+
+        student_hidden (B, T, Hs), teacher_hidden (B, T, Ht), labels (B, T); heads are
+        :class:`~potstill.heads.HeadParams`. Equal to ``__call__`` on the models' logits.
+        """
+        lc = self.cfg.logits
+        use_teacher = lc.weight > 0
+        if use_teacher and (teacher_hidden is None or teacher_head is None):
+            raise ValueError("loss.logits.weight > 0 but no teacher hidden states were given")
+        out = chunked_distill_loss(
+            student_hidden[:, :-1].reshape(-1, student_hidden.shape[-1]), student_head.weight,
+            labels[:, 1:].reshape(-1),
+            teacher_hidden=teacher_hidden[:, :-1].reshape(-1, teacher_hidden.shape[-1]) if use_teacher else None,
+            teacher_head=teacher_head.weight if use_teacher else None,
+            divergence=lc.divergence, temperature=lc.temperature, beta=lc.beta, alpha=lc.alpha,
+            kd_weight=self.kd_scale, ce_weight=self.cfg.ce.weight, shared_vocab=self.shared_vocab,
+            student_bias=student_head.bias, teacher_bias=teacher_head.bias if use_teacher else None,
+            student_softcap=student_head.softcap, teacher_softcap=teacher_head.softcap if use_teacher else None,
+            chunk_size=chunk_size, memory_budget_mb=memory_budget_mb)
+        return ObjectiveOutput(weighted_sum=out.weighted_sum, n_valid=out.n_valid, term_sums=dict(out.term_sums))
 
 
 def step_loss(weighted_sum: torch.Tensor, n_valid_step: torch.Tensor | int, world_size: int) -> torch.Tensor:

@@ -31,7 +31,7 @@ SEED = 0
 # About 6x fewer parameters than the teacher; most of them in the embeddings and head.
 STUDENT = {"hidden_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 4,
            "intermediate_size": 384, "max_position_embeddings": 1024, "tie_word_embeddings": False}
-DEFAULT_STEPS = 300
+DEFAULT_STEPS = 240
 MAX_LENGTH = 256
 
 
@@ -98,10 +98,11 @@ def test_scores(models: dict[str, Path], teacher: Path, *, progress: bool) -> di
                                         max_length=MAX_LENGTH), tok, progress=progress)
     precision = resolve_precision("auto")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    teacher_model = freeze(AutoModelForCausalLM.from_pretrained(teacher)).to(device)
+    # float32 weights (transformers 5 would keep the teacher's stored bf16); autocast does the rest.
+    teacher_model = freeze(AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float32)).to(device)
     rows = {}
     for name, path in models.items():
-        model = freeze(AutoModelForCausalLM.from_pretrained(path)).to(device)
+        model = freeze(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)).to(device)
         scores = evaluate_models(model, test, pad_token_id=tok.pad_token_id, batch_size=16, device=device,
                                  teacher=None if path == teacher else teacher_model,
                                  autocast=autocast_context(precision, device), progress=progress)

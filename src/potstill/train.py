@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import shutil
@@ -26,8 +27,9 @@ import torch
 from . import checkpoint as ckpt
 from .batching import StepBatcher
 from .config import DistillConfig, apply_overrides, config_to_dict, config_to_yaml, load_config, validate_config
-from .errors import DivergedError, ModelError, RunDirError
+from .errors import ConfigError, DivergedError, ModelError, RunDirError
 from .evaluate import evaluate_models, reduce_sum
+from .hidden import forward_hidden, supports_chunked
 from .metrics import MetricsLogger, peak_memory_mb, run_info
 from .models import check_vocab, load_student, load_teacher
 from .objective import Objective, count_valid, step_loss
@@ -173,6 +175,7 @@ def _train(cfg: DistillConfig, accelerator, run_dir: Path, precision: str, resum
                               scheduler_specific_kwargs=extra)
     student, optimizer = accelerator.prepare(student, optimizer)
     raw_student = accelerator.unwrap_model(student)
+    student_head, teacher_head = choose_loss_path(cfg.loss.path, raw_student, teacher if objective.needs_teacher else None)
 
     # -- resume ---------------------------------------------------------------------------
     start_step = 0
@@ -184,12 +187,13 @@ def _train(cfg: DistillConfig, accelerator, run_dir: Path, precision: str, resum
         ckpt.load_rng(resume_from, accelerator.process_index)
         start_step = int(state["step"])
         log.info("resumed from %s (step %d of %d)", resume_from, start_step, max_steps)
+        if state.get("max_steps") != max_steps:
+            log.warning("the checkpoint was written by a run of %s steps, this one has %d: the learning-rate "
+                        "schedule continues from the old run's state", state.get("max_steps"), max_steps)
 
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         ckpt.atomic_write_text(run_dir / "config.yaml", config_to_yaml(cfg))
-        import json
-
         ckpt.atomic_write_text(run_dir / "run_info.json", json.dumps(run_info(), indent=2))
     metrics = MetricsLogger(run_dir, enabled=is_main, tensorboard=cfg.output.tensorboard,
                             resume_step=start_step if resume_from is not None else None)
@@ -240,13 +244,23 @@ def _train(cfg: DistillConfig, accelerator, run_dir: Path, precision: str, resum
             batch = {k: v.to(device) for k, v in batch.items()}
             sync = m == len(batches) - 1
             with (contextlib.nullcontext() if sync else accelerator.no_sync(student)):
-                teacher_logits = None
-                if teacher is not None and objective.needs_teacher:
-                    with torch.no_grad(), autocast():
-                        teacher_logits = teacher(input_ids=batch["input_ids"],
-                                                 attention_mask=batch["attention_mask"]).logits
-                student_logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                out = objective(student_logits, batch["labels"], teacher_logits)
+                ids, attn = batch["input_ids"], batch["attention_mask"]
+                teacher_out = student_out = None
+                if student_head is not None:  # chunked: hidden states in, never B x T x V logits
+                    if objective.needs_teacher:
+                        with torch.no_grad(), autocast():
+                            teacher_out = forward_hidden(teacher, teacher, ids, attn)
+                    student_out = forward_hidden(student, raw_student, ids, attn)
+                    with autocast():
+                        out = objective.fused(student_out, student_head, batch["labels"], teacher_out, teacher_head,
+                                              chunk_size=cfg.loss.chunk_size,
+                                              memory_budget_mb=cfg.loss.memory_budget_mb)
+                else:
+                    if teacher is not None and objective.needs_teacher:
+                        with torch.no_grad(), autocast():
+                            teacher_out = teacher(input_ids=ids, attention_mask=attn).logits
+                    student_out = student(input_ids=ids, attention_mask=attn).logits
+                    out = objective(student_out, batch["labels"], teacher_out)
                 if not torch.isfinite(out.weighted_sum):
                     raise DivergedError(_diverged_message(step + 1, f"loss is {out.weighted_sum.item()}", last_good))
                 accelerator.backward(step_loss(out.weighted_sum, n_valid_step, accelerator.num_processes))
@@ -255,7 +269,7 @@ def _train(cfg: DistillConfig, accelerator, run_dir: Path, precision: str, resum
             for name, value in out.term_sums.items():
                 sums.setdefault(name, torch.zeros(()))
                 sums[name] += value.float().cpu()
-            del student_logits, teacher_logits, out
+            del student_out, teacher_out, out
         grad_norm = accelerator.clip_grad_norm_(student.parameters(), tc.max_grad_norm or float("inf"))
         if precision != "fp16" and not torch.isfinite(torch.as_tensor(grad_norm)):
             raise DivergedError(_diverged_message(step + 1, f"gradient norm is {float(grad_norm)}", last_good))
@@ -295,8 +309,6 @@ def _train(cfg: DistillConfig, accelerator, run_dir: Path, precision: str, resum
     save_checkpoint(max_steps)
     student_dir = run_dir / "student"
     if is_main:
-        import json
-
         tmp = run_dir / ".tmp-student"
         shutil.rmtree(tmp, ignore_errors=True)
         raw_student.save_pretrained(tmp, safe_serialization=True)
@@ -311,6 +323,24 @@ def _train(cfg: DistillConfig, accelerator, run_dir: Path, precision: str, resum
     log.info("done: student saved to %s", student_dir)
     return RunResult(output_dir=run_dir, student_dir=student_dir, steps=max_steps, final_eval=final_eval,
                      train_metrics=train_metrics)
+
+
+def choose_loss_path(path: str, student, teacher):
+    """(student head, teacher head) for the chunked path, or (None, None) for the plain one."""
+    if path == "plain":
+        log.info("loss path: plain (full logits), as configured")
+        return None, None
+    student_head, why = supports_chunked(student)
+    teacher_head = None
+    if student_head is not None and teacher is not None:
+        teacher_head, why = supports_chunked(teacher)
+    if student_head is None or (teacher is not None and teacher_head is None):
+        if path == "chunked":
+            raise ConfigError(f"loss.path=chunked is not possible: {why}; use loss.path=auto or plain")
+        log.info("loss path: plain (full logits), because %s", why)
+        return None, None
+    log.info("loss path: chunked (logits a chunk of tokens at a time)")
+    return student_head, teacher_head
 
 
 def out_terms(totals: dict[str, float]) -> list[str]:

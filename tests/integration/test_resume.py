@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -43,38 +44,52 @@ def _losses(run: Path) -> list[tuple[int, float]]:
     return [(r["step"], r["loss"]) for r in read_metrics(run / "metrics.jsonl") if "loss" in r]
 
 
-class InterruptAfter(torch.nn.Module):
-    """A teacher that passes ``calls`` forwards through, then acts as if the user pressed Ctrl-C."""
+def patch_decoder(model, calls: int, after):
+    """Let the model's decoder run ``calls`` times, then hand its output to ``after``.
 
-    def __init__(self, model, calls: int):
-        super().__init__()
-        self.model, self.calls, self.config = model, calls, model.config
+    Patched at the decoder, which both loss paths (chunked and plain) go through.
+    """
+    decoder = model.get_decoder()
+    original = decoder.forward
+    left = [calls]
 
-    def forward(self, **kwargs):
-        self.calls -= 1
-        if self.calls < 0:
-            raise KeyboardInterrupt
-        return self.model(**kwargs)
+    @functools.wraps(original)
+    def forward(*args, **kwargs):
+        out = original(*args, **kwargs)
+        left[0] -= 1
+        return after(out) if left[0] < 0 else out
 
-    def get_output_embeddings(self):
-        return self.model.get_output_embeddings()
+    decoder.forward = forward
+    return model
 
 
-def test_resume_is_bit_exact(tmp_path, teacher_dir, text_jsonl):
+def _interrupt(_out):
+    raise KeyboardInterrupt  # as if the user pressed Ctrl-C
+
+
+def _nan(out):
+    out.last_hidden_state = torch.full_like(out.last_hidden_state, float("nan"))
+    return out
+
+
+@pytest.mark.parametrize("path", ["chunked", "plain"])
+def test_resume_is_bit_exact(tmp_path, teacher_dir, text_jsonl, path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    straight = potstill.distill(_config(tmp_path / "straight", teacher_dir, text_jsonl), progress=False)
+    straight = potstill.distill(_config(tmp_path / "straight", teacher_dir, text_jsonl), progress=False,
+                                overrides=[f"loss.path={path}"])
 
     # The same 8-step run, interrupted during step 6 (2 micro-batches a step; eval at step 4 uses 1 batch).
     interrupted = _config(tmp_path / "halves", teacher_dir, text_jsonl)
-    interrupted["teacher"] = {"name_or_path": InterruptAfter(AutoModelForCausalLM.from_pretrained(teacher_dir), 11),
+    interrupted["teacher"] = {"name_or_path": patch_decoder(AutoModelForCausalLM.from_pretrained(teacher_dir), 11,
+                                                            _interrupt),
                               "tokenizer": AutoTokenizer.from_pretrained(teacher_dir)}
     with pytest.raises(KeyboardInterrupt):
-        potstill.distill(interrupted, progress=False)
+        potstill.distill(interrupted, progress=False, overrides=[f"loss.path={path}"])
     assert potstill.checkpoint.latest_checkpoint(tmp_path / "halves").name == "step-000004"
     # Continue in the same run directory from the step-4 checkpoint.
     resumed = potstill.distill(_config(tmp_path / "halves", teacher_dir, text_jsonl),
-                               overrides=["train.resume=auto"], progress=False)
+                               overrides=["train.resume=auto", f"loss.path={path}"], progress=False)
 
     assert resumed.steps == straight.steps == 8
     assert _losses(tmp_path / "halves") == _losses(tmp_path / "straight")  # exact floats
@@ -114,31 +129,15 @@ def test_killed_run_resumes_to_the_same_result(tmp_path, teacher_dir, text_jsonl
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-class NaNAfter(torch.nn.Module):
-    """A teacher that turns into NaN after ``calls`` forwards: a real model, then garbage."""
-
-    def __init__(self, model, calls: int):
-        super().__init__()
-        self.model, self.calls, self.config = model, calls, model.config
-
-    def forward(self, **kwargs):
-        out = self.model(**kwargs)
-        self.calls -= 1
-        if self.calls < 0:
-            out.logits = torch.full_like(out.logits, float("nan"))
-        return out
-
-    def get_output_embeddings(self):
-        return self.model.get_output_embeddings()
-
-
-def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, teacher_dir, text_jsonl):
+@pytest.mark.parametrize("path", ["chunked", "plain"])
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, teacher_dir, text_jsonl, path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    teacher = NaNAfter(AutoModelForCausalLM.from_pretrained(teacher_dir), calls=2 * 5)  # 2 micro-batches a step
+    teacher = patch_decoder(AutoModelForCausalLM.from_pretrained(teacher_dir), 2 * 5, _nan)  # 2 micro-batches a step
     cfg = _config(tmp_path / "nan", teacher_dir, text_jsonl, checkpoint_every=2)
     cfg["teacher"] = {"name_or_path": teacher, "tokenizer": AutoTokenizer.from_pretrained(teacher_dir)}
     cfg["eval"] = {"every": None}
+    cfg["loss"]["path"] = path
     with pytest.raises(DivergedError, match=r"diverged at step 6: loss is nan.*step-000004") as err:
         potstill.distill(cfg, progress=False)
     assert "train.resume=auto" in str(err.value)

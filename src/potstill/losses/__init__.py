@@ -1,5 +1,6 @@
 """Pure-torch distillation losses. See :mod:`potstill.losses.logits` for conventions."""
 
+from potstill.losses.chunked import ChunkedLossOutput, choose_chunk_size, chunked_distill_loss
 from potstill.losses.logits import (
     DIVERGENCES,
     cross_entropy,
@@ -15,6 +16,9 @@ from potstill.losses.logits import (
 )
 
 __all__ = [
+    "ChunkedLossOutput",
+    "choose_chunk_size",
+    "chunked_distill_loss",
     "DIVERGENCES",
     "cross_entropy",
     "forward_kl",
