@@ -121,12 +121,9 @@ def setup_logging(debug: bool) -> None:
                         stream=sys.stderr)
     if not debug:
         os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-        try:
-            import transformers
+        import transformers
 
-            transformers.logging.set_verbosity_error()
-        except ImportError:  # pragma: no cover
-            pass
+        transformers.logging.set_verbosity_error()
         for noisy in ("accelerate", "datasets", "urllib3", "httpx", "huggingface_hub"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
 

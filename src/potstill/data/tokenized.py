@@ -175,8 +175,10 @@ def make_dataset(enc: Encoded, *, fingerprint: str, max_length: int, packing: bo
     if path is not None:
         try:
             return TokenizedDataset.load(path)
-        except (OSError, ValueError):
-            pass
+        except (OSError, ValueError) as err:
+            # The arrays are still in memory: train from them and say why the cache was not used.
+            log.warning("potstill: could not read back the data cache %s (%s); keeping the tokens in memory",
+                        path, err)
     return TokenizedDataset(tokens, loss, offsets, manifest, cache_path=None)
 
 
