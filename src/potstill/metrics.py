@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from .checkpoint import atomic_write_text
+from .atomic import atomic_write_text
 
 METRICS_FILE = "metrics.jsonl"
 

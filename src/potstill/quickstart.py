@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from .atomic import atomic_write_text, publish_dir
 from .config import DataConfig, DistillConfig
 from .errors import PotstillError
 
@@ -78,8 +79,6 @@ def make_student_init(out: Path) -> Path:
     tmp = out / ".tmp-student-init"
     model.save_pretrained(tmp, safe_serialization=True)
     tok.save_pretrained(tmp)
-    from .checkpoint import publish_dir
-
     publish_dir(tmp, path)
     return path
 
@@ -114,7 +113,6 @@ def test_scores(models: dict[str, Path], teacher: Path, *, progress: bool) -> di
 def quickstart(out: str | Path = "runs/quickstart", steps: int = DEFAULT_STEPS, baseline: bool = False,
                progress: bool = True) -> dict[str, dict]:
     """Distill the demo teacher into a small student, evaluate, and return the results table."""
-    from .checkpoint import atomic_write_text
     from .report import plot_runs, results_table
     from .train import distill
 

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from . import checkpoint as ckpt
+from .atomic import atomic_write_text, publish_dir
 from .batching import StepBatcher
 from .config import DistillConfig, apply_overrides, config_to_dict, config_to_yaml, load_config, validate_config
 from .errors import ConfigError, DivergedError, ModelError, RunDirError
@@ -193,8 +194,8 @@ def _train(cfg: DistillConfig, accelerator, run_dir: Path, precision: str, resum
 
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        ckpt.atomic_write_text(run_dir / "config.yaml", config_to_yaml(cfg))
-        ckpt.atomic_write_text(run_dir / "run_info.json", json.dumps(run_info(), indent=2))
+        atomic_write_text(run_dir / "config.yaml", config_to_yaml(cfg))
+        atomic_write_text(run_dir / "run_info.json", json.dumps(run_info(), indent=2))
     metrics = MetricsLogger(run_dir, enabled=is_main, tensorboard=cfg.output.tensorboard,
                             resume_step=start_step if resume_from is not None else None)
 
@@ -220,7 +221,7 @@ def _train(cfg: DistillConfig, accelerator, run_dir: Path, precision: str, resum
             ckpt.write_main_state(tmp, model=raw_student, tokenizer=tokenizer, optimizer=optimizer,
                                   scheduler=scheduler, state={"step": step, "max_steps": max_steps,
                                                               "config": config_to_dict(cfg)})
-            ckpt.publish_dir(tmp, final)
+            publish_dir(tmp, final)
             ckpt.prune_checkpoints(run_dir, tc.keep_checkpoints)
         accelerator.wait_for_everyone()
         return final
@@ -313,11 +314,11 @@ def _train(cfg: DistillConfig, accelerator, run_dir: Path, precision: str, resum
         shutil.rmtree(tmp, ignore_errors=True)
         raw_student.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        ckpt.publish_dir(tmp, student_dir)
+        publish_dir(tmp, student_dir)
         summary = {"steps": max_steps, "final_eval": final_eval, "train": train_metrics,
                    "student_parameters": n_params, "train_examples": len(train_ds),
                    "train_tokens_per_epoch": getattr(train_ds, "n_tokens", None)}
-        ckpt.atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
+        atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
     metrics.close()
     accelerator.wait_for_everyone()
     log.info("done: student saved to %s", student_dir)

@@ -1,17 +1,18 @@
-"""Atomic writes, the run lock, and which checkpoints count as complete."""
+"""Atomic writes (potstill.atomic), the run lock, and which checkpoints count as complete."""
 
 from __future__ import annotations
 
 import pytest
 
+from potstill import atomic
 from potstill import checkpoint as ckpt
 from potstill.errors import RunDirError
 
 
 def test_atomic_write_leaves_no_temp(tmp_path):
     target = tmp_path / "f.json"
-    ckpt.atomic_write_text(target, "one")
-    ckpt.atomic_write_text(target, "two")
+    atomic.atomic_write_text(target, "one")
+    atomic.atomic_write_text(target, "two")
     assert target.read_text() == "two"
     assert [p.name for p in tmp_path.iterdir()] == ["f.json"]
 
@@ -43,6 +44,6 @@ def test_publish_replaces_atomically(tmp_path):
         tmp = tmp_path / ".tmp"
         tmp.mkdir()
         (tmp / "x").write_text(text)
-        ckpt.publish_dir(tmp, final)
+        atomic.publish_dir(tmp, final)
     assert (final / "x").read_text() == "b"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..atomic import fsync_dir
 from ..errors import DataError
 from .formats import Encoded
 
@@ -213,31 +214,18 @@ def write_cache(cache_root: Path, fingerprint: str, arrays: dict[str, np.ndarray
             json.dump(manifest, fh, indent=1, sort_keys=True)
             fh.flush()
             os.fsync(fh.fileno())
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         try:
             os.rename(tmp, final)
         except OSError:
             if not (final / "manifest.json").is_file():
                 raise
             shutil.rmtree(tmp, ignore_errors=True)  # another process finished the same folder first
-        _fsync_dir(cache_root)
+        fsync_dir(cache_root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return  # e.g. Windows: directories cannot be opened
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def tokenizer_state(tokenizer) -> str:
