@@ -11,7 +11,8 @@ Variants, each run in its own process so that peak memory is clean:
 * ``potstill``: ``potstill.losses.chunked_distill_loss`` with ``divergence="fkl"`` and the
   library's default memory budget.
 
-Peak memory: the child's peak RSS over the timed passes (``resource.getrusage().ru_maxrss``;
+Peak memory: the child's peak RSS over the timed passes (VmHWM from /proc/self/status: ru_maxrss
+would start at the parent's peak after fork+exec;
 the peak is reset after the warmup through /proc/self/clear_refs, so Liger's one-off
 torch.compile peak does not count) minus its RSS after allocating the inputs; on CUDA,
 ``torch.cuda.max_memory_allocated`` over the same span. Time: the median of ``--repeats``
@@ -89,10 +90,19 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def _peak_rss_bytes() -> int:
+    """VmHWM: unlike ru_maxrss, it does not start at the parent's peak after fork+exec."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def _reset_peak_rss() -> bool:
     try:
         with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets the peak RSS (VmHWM) that ru_maxrss reports
+            f.write("5")  # resets the peak RSS (VmHWM)
         return True
     except OSError:
         return False
@@ -157,7 +167,7 @@ def run_child(args) -> dict:
     if device == "cuda":
         peak = torch.cuda.max_memory_allocated() - base
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+        peak = _peak_rss_bytes() - base
     out = {
         "variant": args.variant, "n": n, "hidden": h, "vocab": v, "dtype": args.dtype,
         "device": device, "peak_mb": peak / 2**20, "ms": 1000 * statistics.median(times),

@@ -27,8 +27,16 @@ def peak_memory_mb(device: torch.device) -> float:
     """Peak accelerator memory allocated by torch, or the process's peak RSS on CPU."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    # ru_maxrss is in KiB on Linux.
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # VmHWM, not ru_maxrss: after fork+exec, ru_maxrss starts at the *parent's* peak (Linux
+    # carries it over at exec), so a small child of a large launcher would report the launcher.
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def git_commit() -> str | None:
