@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 import torch
 
 from .config import LossConfig
-from .losses import chunked_distill_loss, cross_entropy, logit_divergence
+from .losses import chunked_distill_loss, logit_divergence
+from .losses.fused_logits import fused_logit_loss
 
 IGNORE_INDEX = -100
 
@@ -74,22 +75,27 @@ class Objective:
 
     def __call__(self, student_logits: torch.Tensor, labels: torch.Tensor,
                  teacher_logits: torch.Tensor | None = None) -> ObjectiveOutput:
-        """student_logits (B, T, Vs), labels (B, T), teacher_logits (B, T, Vt) or None."""
-        terms: dict[str, torch.Tensor] = {}
-        total = student_logits.new_zeros((), dtype=torch.float32)
-        n_valid = count_valid(labels)
-        if self.cfg.logits.weight > 0:
-            if teacher_logits is None:
-                raise ValueError("loss.logits.weight > 0 but no teacher logits were given")
-            kd, n_valid = self.kd_sum(student_logits, teacher_logits, labels)
-            terms["kd"] = kd.detach()
-            total = total + self.kd_scale * kd
-        if self.cfg.ce.weight > 0:
-            s, targets, _ = shift(student_logits, labels)
-            ce, _ = cross_entropy(s, targets, ignore_index=IGNORE_INDEX)
-            terms["ce"] = ce.detach()
-            total = total + self.cfg.ce.weight * ce
-        return ObjectiveOutput(weighted_sum=total, n_valid=n_valid, term_sums=terms)
+        """student_logits (B, T, Vs), labels (B, T), teacher_logits (B, T, Vt) or None.
+
+        The same terms as :meth:`kd_sum` and ``cross_entropy``, computed by the fused
+        logits loss (row blocks, gradient written in the forward) so that no float32
+        copies of the ``B x T x V`` logits are kept for backward.
+        """
+        lc = self.cfg.logits
+        if lc.weight > 0 and teacher_logits is None:
+            raise ValueError("loss.logits.weight > 0 but no teacher logits were given")
+        # Shift the targets, not the logits: position i predicts labels[i + 1]; the last
+        # position has no target. The logits are then viewed (B*T, V) without a copy.
+        targets = torch.full_like(labels, IGNORE_INDEX)
+        targets[:, :-1] = labels[:, 1:]
+        out = fused_logit_loss(
+            student_logits.reshape(-1, student_logits.shape[-1]), targets.reshape(-1),
+            teacher_logits.reshape(-1, teacher_logits.shape[-1]) if lc.weight > 0 else None,
+            divergence=lc.divergence, temperature=lc.temperature, beta=lc.beta, alpha=lc.alpha,
+            kd_weight=self.kd_scale if lc.weight > 0 else 0.0, ce_weight=self.cfg.ce.weight,
+            shared_vocab=self.shared_vocab if lc.weight > 0 else None,
+            chunk_size=self.cfg.chunk_size, memory_budget_mb=self.cfg.memory_budget_mb)
+        return ObjectiveOutput(weighted_sum=out.weighted_sum, n_valid=out.n_valid, term_sums=dict(out.term_sums))
 
     def fused(self, student_hidden: torch.Tensor, student_head, labels: torch.Tensor,
               teacher_hidden: torch.Tensor | None = None, teacher_head=None, *,
