@@ -145,7 +145,7 @@ class FeatureDistiller:
 
     def checkpoint_modules(self) -> dict[str, nn.Module]:
         """For :func:`potstill.checkpoint.write_main_state` (``extra_modules``)."""
-        return {CHECKPOINT_NAME: self.projectors}
+        return {CHECKPOINT_NAME: self.projectors} if self.hidden_pairs else {}
 
     def load_checkpoint(self, ckpt: Path) -> None:
         path = Path(ckpt) / f"{CHECKPOINT_NAME}.pt"

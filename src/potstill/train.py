@@ -39,7 +39,8 @@ from .precision import accelerate_mixed_precision, autocast_context, compute_dty
 
 log = logging.getLogger("potstill")
 
-RUN_ARTIFACTS = ("checkpoints", "student", PROJECTORS_DIR, "metrics.jsonl", "tensorboard", "summary.json", "config.yaml", "run_info.json")
+RUN_ARTIFACTS = ("checkpoints", "student", PROJECTORS_DIR, "metrics.jsonl", "tensorboard", "summary.json", "config.yaml",
+                 "run_info.json")
 
 
 @dataclass
@@ -173,7 +174,8 @@ def _train(cfg: DistillConfig, accelerator, run_dir: Path, precision: str, resum
     no_decay = [p for p in student.parameters() if p.ndim < 2]  # norms and biases
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        + ([{"params": features.parameters(), "weight_decay": tc.weight_decay}] if features and features.parameters() else []),
+        + ([{"params": features.parameters(), "weight_decay": tc.weight_decay}]  # feature projectors
+           if features is not None and features.parameters() else []),
         lr=tc.lr, betas=tc.adam_betas, eps=tc.adam_eps)
     warmup = tc.warmup_steps or int(tc.warmup_ratio * max_steps)
     extra = {"num_decay_steps": max(1, max_steps // 10)} if tc.scheduler == "warmup_stable_decay" else None
@@ -256,7 +258,7 @@ def _train(cfg: DistillConfig, accelerator, run_dir: Path, precision: str, resum
                 ids, attn = batch["input_ids"], batch["attention_mask"]
                 teacher_out = student_out = None
                 if student_head is not None:  # chunked: hidden states in, never B x T x V logits
-                    if objective.needs_teacher or features:
+                    if objective.needs_teacher or features is not None:
                         with torch.no_grad(), autocast(), capture_teacher(features, teacher) as teacher_feats:
                             teacher_out = forward_hidden(teacher, teacher, ids, attn)
                     with capture_student(features, raw_student) as student_feats:
@@ -266,7 +268,7 @@ def _train(cfg: DistillConfig, accelerator, run_dir: Path, precision: str, resum
                                               chunk_size=cfg.loss.chunk_size,
                                               memory_budget_mb=cfg.loss.memory_budget_mb)
                 else:
-                    if teacher is not None and (objective.needs_teacher or features):
+                    if teacher is not None and (objective.needs_teacher or features is not None):
                         with torch.no_grad(), autocast(), capture_teacher(features, teacher) as teacher_feats:
                             teacher_out = teacher(input_ids=ids, attention_mask=attn).logits
                     with capture_student(features, raw_student) as student_feats:
@@ -331,7 +333,7 @@ def _train(cfg: DistillConfig, accelerator, run_dir: Path, precision: str, resum
         raw_student.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         publish_dir(tmp, student_dir)
-        if features is not None:  # beside the student, not inside it: the student stays a plain model
+        if features is not None and features.hidden_pairs:  # beside the student, not inside it
             tmp = run_dir / ".tmp-projectors"
             shutil.rmtree(tmp, ignore_errors=True)
             features.projectors.save(tmp)

@@ -151,6 +151,9 @@ def test_distiller_checks_mapping_and_relation_heads():
                           teacher, student)
     assert fd.hidden_pairs == [(2, 1), (3, 2)] and fd.attention_pairs == [(3, 2)] and fd.relation_heads == 4
     assert fd.student_layers == ([1, 2], [2]) and fd.teacher_layers == ([2, 3], [3])
+    assert set(fd.checkpoint_modules()) == {"projectors"}
+    attention_only = FeatureDistiller(_loss(attention={"weight": 1.0}), teacher, student)
+    assert attention_only.checkpoint_modules() == {} and attention_only.parameters() == []
 
 
 @pytest.mark.parametrize("teacher_family,student_family", [("gpt2", "llama"), ("llama", "qwen2"), ("gemma", "mistral")])
