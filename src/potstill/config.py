@@ -133,9 +133,54 @@ class CrossEntropyLossConfig(_Section):
     weight: float = Field(0.0, ge=0.0, description="weight of hard-label cross-entropy")
 
 
+LAYER_MAPPINGS = Literal["last", "last_k", "all", "uniform", "uniform_consecutive", "uniform_last", "pairs"]
+
+
+class _LayerMapping(_Section):
+    """Which teacher layer teaches which student layer (see potstill.layer_map); layers count from 1."""
+
+    k: int | None = Field(None, ge=1, description="mapping last_k: how many final layers")
+    pairs: list[tuple[int, int]] | None = Field(
+        None, description="mapping pairs: [[teacher_layer, student_layer], ...]; layer i = output of decoder layer i")
+
+    @model_validator(mode="after")
+    def _mapping_args(self):
+        if self.mapping == "last_k" and self.k is None:
+            raise ValueError("mapping last_k needs k (how many final layers to pair)")
+        if self.mapping == "pairs" and not self.pairs:
+            raise ValueError("mapping pairs needs pairs: [[teacher_layer, student_layer], ...]")
+        if self.pairs and self.mapping != "pairs":
+            raise ValueError(f"pairs are given but mapping is {self.mapping}: set mapping: pairs to use them")
+        return self
+
+
+class HiddenLossConfig(_LayerMapping):
+    """Match the student's intermediate hidden states to the teacher's (any widths, any depths)."""
+
+    weight: float = Field(0.0, ge=0.0, description="weight of the hidden-state term (mean over layer pairs)")
+    mapping: LAYER_MAPPINGS = Field(
+        "uniform_last", description="last | last_k | all | uniform | uniform_consecutive | uniform_last | pairs")
+    loss: Literal["mse", "nmse", "cosine"] = Field("cosine", description="per token: mse | nmse (relative) | cosine (1 - cos)")
+    layer_norm: bool = Field(False, description="layer-normalize both sides (no affine) before the loss")
+    projector: Literal["auto", "identity", "linear", "mlp"] = Field(
+        "auto", description="student width -> teacher width, one per pair; auto: identity if equal, else linear")
+    projector_init: Literal["default", "orthogonal"] = Field("default", description="initialization of projector weights")
+
+
+class AttentionLossConfig(_LayerMapping):
+    """MiniLMv2 attention relations: KL between query-query, key-key and value-value relations."""
+
+    weight: float = Field(0.0, ge=0.0, description="weight of the attention-relation term (mean over layer pairs)")
+    mapping: LAYER_MAPPINGS = Field("last", description="as loss.hidden.mapping; MiniLMv2 uses the last layer")
+    relation_heads: int | None = Field(
+        None, ge=1, description="relation heads (must divide every q/k/v width); default: the student's attention heads")
+
+
 class LossConfig(_Section):
     logits: LogitLossConfig = Field(default_factory=LogitLossConfig)
     ce: CrossEntropyLossConfig = Field(default_factory=CrossEntropyLossConfig)
+    hidden: HiddenLossConfig = Field(default_factory=HiddenLossConfig)
+    attention: AttentionLossConfig = Field(default_factory=AttentionLossConfig)
     path: Literal["auto", "chunked", "plain"] = Field(
         "auto", description="chunked: logits a chunk of tokens at a time, never B x T x V (auto: where the models allow)")
     chunk_size: int | None = Field(None, ge=1, description="tokens per chunk on the chunked path; default: from memory_budget_mb")
@@ -143,9 +188,14 @@ class LossConfig(_Section):
 
     @model_validator(mode="after")
     def _something_to_learn(self) -> "LossConfig":
-        if self.logits.weight == 0 and self.ce.weight == 0:
-            raise ValueError("every loss weight is 0: set loss.logits.weight or loss.ce.weight above 0")
+        if self.logits.weight == 0 and self.ce.weight == 0 and self.hidden.weight == 0 and self.attention.weight == 0:
+            raise ValueError("every loss weight is 0: set loss.logits.weight, loss.ce.weight, loss.hidden.weight "
+                             "or loss.attention.weight above 0")
         return self
+
+    @property
+    def uses_features(self) -> bool:
+        return self.hidden.weight > 0 or self.attention.weight > 0
 
 
 class TrainConfig(_Section):
@@ -205,9 +255,9 @@ class DistillConfig(_Section):
     def _cross_checks(self) -> "DistillConfig":
         if self.data.source is None:
             raise ValueError("data.source is required: a hub dataset name, a local file or folder, or a list")
-        needs_teacher = self.loss.logits.weight > 0 or self.student.from_teacher is not None
+        needs_teacher = self.loss.logits.weight > 0 or self.loss.uses_features or self.student.from_teacher is not None
         if needs_teacher and self.teacher.name_or_path is None:
-            raise ValueError("teacher.name_or_path is required for logit distillation "
+            raise ValueError("teacher.name_or_path is required for logit or feature distillation "
                              "(or set loss.logits.weight=0 and loss.ce.weight>0 to train on labels alone)")
         return self
 

@@ -30,6 +30,7 @@ from .batching import StepBatcher
 from .config import DistillConfig, apply_overrides, config_to_dict, config_to_yaml, load_config, validate_config
 from .errors import ConfigError, DivergedError, ModelError, RunDirError
 from .evaluate import evaluate_models, reduce_sum
+from .feature_kd import RUN_DIR_NAME as PROJECTORS_DIR, FeatureDistiller, capture_student, capture_teacher
 from .hidden import forward_hidden, supports_chunked
 from .metrics import MetricsLogger, peak_memory_mb, run_info
 from .models import check_vocab, load_student, load_teacher
@@ -38,7 +39,8 @@ from .precision import accelerate_mixed_precision, autocast_context, compute_dty
 
 log = logging.getLogger("potstill")
 
-RUN_ARTIFACTS = ("checkpoints", "student", "metrics.jsonl", "tensorboard", "summary.json", "config.yaml", "run_info.json")
+RUN_ARTIFACTS = ("checkpoints", "student", PROJECTORS_DIR, "metrics.jsonl", "tensorboard", "summary.json", "config.yaml",
+                 "run_info.json")
 
 
 @dataclass
@@ -144,11 +146,14 @@ def _train(cfg: DistillConfig, accelerator, run_dir: Path, precision: str, resum
         try:
             shared_vocab = check_vocab(teacher, teacher_tok, student, tokenizer).shared
         except ModelError:
-            if objective_cfg.logits.weight > 0:
+            if objective_cfg.logits.weight > 0 or objective_cfg.uses_features:
                 raise
             log.warning("teacher and student vocabularies differ: the teacher is not used in evaluation")
             teacher = None
     objective = Objective(objective_cfg, shared_vocab)
+    features = FeatureDistiller.build(objective_cfg, teacher, student, seed=cfg.train.seed)  # None: logits/CE only
+    if features is not None:
+        features.to(device)
     if teacher is not None:
         teacher.to(device)
     n_params = sum(p.numel() for p in student.parameters())
@@ -168,7 +173,9 @@ def _train(cfg: DistillConfig, accelerator, run_dir: Path, precision: str, resum
     decay = [p for p in student.parameters() if p.ndim >= 2]
     no_decay = [p for p in student.parameters() if p.ndim < 2]  # norms and biases
     optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        + ([{"params": features.parameters(), "weight_decay": tc.weight_decay}]  # feature projectors
+           if features is not None and features.parameters() else []),
         lr=tc.lr, betas=tc.adam_betas, eps=tc.adam_eps)
     warmup = tc.warmup_steps or int(tc.warmup_ratio * max_steps)
     extra = {"num_decay_steps": max(1, max_steps // 10)} if tc.scheduler == "warmup_stable_decay" else None
@@ -186,6 +193,8 @@ def _train(cfg: DistillConfig, accelerator, run_dir: Path, precision: str, resum
         optimizer.load_state_dict(torch.load(resume_from / "optimizer.pt", map_location=device, weights_only=False))
         scheduler.load_state_dict(torch.load(resume_from / "scheduler.pt", weights_only=False))
         ckpt.load_rng(resume_from, accelerator.process_index)
+        if features is not None:
+            features.load_checkpoint(resume_from)
         start_step = int(state["step"])
         log.info("resumed from %s (step %d of %d)", resume_from, start_step, max_steps)
         if state.get("max_steps") != max_steps:
@@ -220,7 +229,8 @@ def _train(cfg: DistillConfig, accelerator, run_dir: Path, precision: str, resum
         if is_main:
             ckpt.write_main_state(tmp, model=raw_student, tokenizer=tokenizer, optimizer=optimizer,
                                   scheduler=scheduler, state={"step": step, "max_steps": max_steps,
-                                                              "config": config_to_dict(cfg)})
+                                                              "config": config_to_dict(cfg)},
+                                  extra_modules=features.checkpoint_modules() if features else None)
             publish_dir(tmp, final)
             ckpt.prune_checkpoints(run_dir, tc.keep_checkpoints)
         accelerator.wait_for_everyone()
@@ -248,20 +258,24 @@ def _train(cfg: DistillConfig, accelerator, run_dir: Path, precision: str, resum
                 ids, attn = batch["input_ids"], batch["attention_mask"]
                 teacher_out = student_out = None
                 if student_head is not None:  # chunked: hidden states in, never B x T x V logits
-                    if objective.needs_teacher:
-                        with torch.no_grad(), autocast():
+                    if objective.needs_teacher or features is not None:
+                        with torch.no_grad(), autocast(), capture_teacher(features, teacher) as teacher_feats:
                             teacher_out = forward_hidden(teacher, teacher, ids, attn)
-                    student_out = forward_hidden(student, raw_student, ids, attn)
+                    with capture_student(features, raw_student) as student_feats:
+                        student_out = forward_hidden(student, raw_student, ids, attn)
                     with autocast():
                         out = objective.fused(student_out, student_head, batch["labels"], teacher_out, teacher_head,
                                               chunk_size=cfg.loss.chunk_size,
                                               memory_budget_mb=cfg.loss.memory_budget_mb)
                 else:
-                    if teacher is not None and objective.needs_teacher:
-                        with torch.no_grad(), autocast():
+                    if teacher is not None and (objective.needs_teacher or features is not None):
+                        with torch.no_grad(), autocast(), capture_teacher(features, teacher) as teacher_feats:
                             teacher_out = teacher(input_ids=ids, attention_mask=attn).logits
-                    student_out = student(input_ids=ids, attention_mask=attn).logits
+                    with capture_student(features, raw_student) as student_feats:
+                        student_out = student(input_ids=ids, attention_mask=attn).logits
                     out = objective(student_out, batch["labels"], teacher_out)
+                if features is not None:  # hidden-state / attention-relation terms, float32, outside autocast
+                    features.add_terms(out, student_feats, teacher_feats, batch["labels"], attn)
                 if not torch.isfinite(out.weighted_sum):
                     raise DivergedError(_diverged_message(step + 1, f"loss is {out.weighted_sum.item()}", last_good))
                 accelerator.backward(step_loss(out.weighted_sum, n_valid_step, accelerator.num_processes))
@@ -271,7 +285,11 @@ def _train(cfg: DistillConfig, accelerator, run_dir: Path, precision: str, resum
                 sums.setdefault(name, torch.zeros(()))
                 sums[name] += value.float().cpu()
             del student_out, teacher_out, out
-        grad_norm = accelerator.clip_grad_norm_(student.parameters(), tc.max_grad_norm or float("inf"))
+            student_feats = teacher_feats = None
+        if features is not None:
+            features.sync_gradients(accelerator)
+        trained = list(student.parameters()) + (features.parameters() if features else [])
+        grad_norm = accelerator.clip_grad_norm_(trained, tc.max_grad_norm or float("inf"))
         if precision != "fp16" and not torch.isfinite(torch.as_tensor(grad_norm)):
             raise DivergedError(_diverged_message(step + 1, f"gradient norm is {float(grad_norm)}", last_good))
         optimizer.step()
@@ -315,6 +333,11 @@ def _train(cfg: DistillConfig, accelerator, run_dir: Path, precision: str, resum
         raw_student.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         publish_dir(tmp, student_dir)
+        if features is not None and features.hidden_pairs:  # beside the student, not inside it
+            tmp = run_dir / ".tmp-projectors"
+            shutil.rmtree(tmp, ignore_errors=True)
+            features.projectors.save(tmp)
+            publish_dir(tmp, run_dir / PROJECTORS_DIR)
         summary = {"steps": max_steps, "final_eval": final_eval, "train": train_metrics,
                    "student_parameters": n_params, "train_examples": len(train_ds),
                    "train_tokens_per_epoch": getattr(train_ds, "n_tokens", None)}

@@ -31,3 +31,16 @@ __all__ = [
     "skew_reverse_kl",
     "total_variation",
 ]
+
+from potstill.losses.features import (  # noqa: E402
+    HIDDEN_LOSSES,
+    attention_relation_loss,
+    hidden_cosine,
+    hidden_loss,
+    hidden_mse,
+    hidden_nmse,
+    relation_kl,
+)
+
+__all__ += ["HIDDEN_LOSSES", "attention_relation_loss", "hidden_cosine", "hidden_loss", "hidden_mse",
+            "hidden_nmse", "relation_kl"]
