@@ -226,11 +226,15 @@ def _student_folder(source: Path) -> tuple[Path, Path]:
     raise ModelError(f"potstill export: {source} is neither a run directory (with student/) nor a model folder")
 
 
-def export_packed(source: str | Path, out: str | Path | None = None) -> dict[str, Any]:
+def export_packed(source: str | Path, out: str | Path | None = None, *, dtype: str = "float32") -> dict[str, Any]:
     """Write the packed ternary model of a BitNet run (or its student folder); returns the manifest.
 
-    Linear weights go to 2 bits each plus one scale per matrix; everything else is stored as trained.
+    Linear weights go to 2 bits each plus one scale per matrix. The other tensors (embeddings,
+    norms, head) are stored in ``dtype``: float32 (as trained: the loaded model's outputs equal the
+    training-time forward exactly) or bfloat16 (half their size; outputs then differ slightly).
     """
+    if dtype not in ("float32", "bfloat16"):
+        raise ModelError(f"potstill export: --dtype must be float32 or bfloat16, not {dtype}")
     from safetensors.torch import save_file
 
     from .atomic import atomic_write_text, publish_dir
@@ -269,13 +273,13 @@ def export_packed(source: str | Path, out: str | Path | None = None) -> dict[str
         if ptr in seen:  # tied weights are stored once; the loader's model ties them again
             continue
         seen[ptr] = key
-        tensors[key] = value.detach().contiguous()
+        tensors[key] = value.detach().to(getattr(torch, dtype)).contiguous()
     manifest = {
         "format": FORMAT, "version": FORMAT_VERSION, "bits_per_weight": 2,
         "layout": "row-major (out, in); code = value + 1; 4 codes per byte, first in the low bits; pad code 1",
         "modules": modules,
         "packed_weight_bytes": packed_bytes, "bf16_weight_bytes": bf16_bytes,
-        "ratio_to_bf16": packed_bytes / max(bf16_bytes, 1),
+        "ratio_to_bf16": packed_bytes / max(bf16_bytes, 1), "other_tensors_dtype": dtype,
         "source": str(student_dir),
     }
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -49,7 +49,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     if not args.bitnet:
         raise ConfigError("potstill export: give --bitnet (the packed ternary format is the one export there is)")
-    m = export_packed(args.run, args.out)
+    m = export_packed(args.run, args.out, dtype=args.dtype)
     print(f"packed BitNet model written to {m['out']}: {len(m['modules'])} ternary matrices, "
           f"{m['packed_weight_bytes']:,} bytes vs {m['bf16_weight_bytes']:,} in bf16 "
           f"(1/{1 / m['ratio_to_bf16']:.2f}); model.safetensors {m['file_bytes']:,} bytes")
@@ -134,6 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="run directory (with student/) or a BitNet student folder")
     p.add_argument("--bitnet", action="store_true", help="packed ternary format (required)")
     p.add_argument("--out", help="output folder (default: RUN/bitnet)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="the other tensors (embeddings, norms, head): float32 = exact training-time outputs "
+                        "(default); bfloat16 = half their size, outputs differ slightly")
     p.set_defaults(func=cmd_export)
     return parser
 

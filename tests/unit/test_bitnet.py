@@ -177,3 +177,25 @@ def test_load_packed_refuses_a_damaged_folder(tmp_path, tokenizer):
     (tmp_path / "packed" / "bitnet.json").write_text(json.dumps(manifest))
     with pytest.raises(ModelError, match="unknown packed format"):
         load_packed(tmp_path / "packed")
+
+
+def test_bf16_export_halves_the_other_tensors_and_keeps_the_ternary_ones(tmp_path, tokenizer):
+    _bitnet_student(tmp_path / "student", tokenizer)
+    export_packed(tmp_path / "student", tmp_path / "fp32")
+    export_packed(tmp_path / "student", tmp_path / "bf16", dtype="bfloat16")
+    from safetensors.torch import load_file
+
+    a, b = load_file(str(tmp_path / "fp32" / "model.safetensors")), load_file(str(tmp_path / "bf16" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        if key.endswith((".weight_packed", ".weight_scale")):
+            assert torch.equal(a[key], b[key]), key
+        else:
+            assert a[key].dtype == torch.float32 and b[key].dtype == torch.bfloat16
+            assert torch.equal(a[key].bfloat16(), b[key])
+    ids = torch.randint(0, len(tokenizer), (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        la, lb = load_packed(tmp_path / "fp32")(input_ids=ids).logits, load_packed(tmp_path / "bf16")(input_ids=ids).logits
+    assert not torch.equal(la, lb) and torch.allclose(la, lb, atol=0.05 * la.abs().max().item())
+    with pytest.raises(ModelError, match="--dtype"):
+        export_packed(tmp_path / "student", tmp_path / "x", dtype="float16")
