@@ -72,7 +72,9 @@ def load_quantized_teacher(cfg, *, dtype: torch.dtype | None) -> nn.Module:
                            trust_remote_code=cfg.trust_remote_code, role="teacher")
     if dtype is not None:
         model = model.to(dtype)
-    return quantize_torchao(model.to(device), mode)
+    # Layer by layer onto the device (torchao moves each module before quantizing it): the
+    # device never holds the whole full-precision teacher.
+    return quantize_torchao(model, mode, device=device).to(device)
 
 
 def _torchao_config(mode: str, device: torch.device):
@@ -88,9 +90,10 @@ def _torchao_config(mode: str, device: torch.device):
     return Int4WeightOnlyConfig(group_size=INT4_GROUP, int4_packing_format="tile_packed_to_4d")
 
 
-def quantize_torchao(model: nn.Module, mode: str) -> nn.Module:
-    """Quantize the model's linear layers in place (not the output head) with torchao; returns it."""
-    device = next(model.parameters()).device
+def quantize_torchao(model: nn.Module, mode: str, device: torch.device | None = None) -> nn.Module:
+    """Quantize the model's linear layers in place (not the output head) with torchao; returns it.
+    With ``device``, each quantized layer is moved there first (the rest stays where it is)."""
+    device = device or next(model.parameters()).device
     config = _torchao_config(mode, device)
     from torchao.quantization import quantize_
 
@@ -107,7 +110,7 @@ def quantize_torchao(model: nn.Module, mode: str) -> nn.Module:
         raise ModelError(f"teacher.quantization={mode}: no linear layer of {type(model).__name__} can be quantized"
                          + (f" (int4 needs input widths that are multiples of {INT4_GROUP})" if mode == "int4" else ""))
     try:
-        quantize_(model, config, filter_fn=keep)
+        quantize_(model, config, filter_fn=keep, device=device if device.type != "cpu" else None)
     except (ImportError, NotImplementedError, AssertionError, RuntimeError) as err:
         raise ModelError(f"teacher.quantization={mode} failed on {device.type} with torchao: "
                          f"{str(err).strip().splitlines()[0][:200]}") from None
