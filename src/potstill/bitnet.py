@@ -131,8 +131,12 @@ def convert_to_bitnet(model: nn.Module, include_head: bool = False, include_embe
     count = 0
     for name, module in model.named_modules():
         if module is head and not include_head:
+            if type(module) is BitLinear and "weight_scale" not in module._buffers:
+                module.__class__ = nn.Linear  # asked for a full-precision head: undo an earlier choice
             continue
         if module is emb:
+            if type(module) is BitEmbedding and not include_embeddings and "weight_scale" not in module._buffers:
+                module.__class__ = nn.Embedding
             if include_embeddings:
                 if type(module) is not nn.Embedding:
                     raise ModelError(f"student.bitnet_embeddings: {name} is a {type(module).__name__}, not a plain "

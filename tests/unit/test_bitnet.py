@@ -199,3 +199,13 @@ def test_bf16_export_halves_the_other_tensors_and_keeps_the_ternary_ones(tmp_pat
     assert not torch.equal(la, lb) and torch.allclose(la, lb, atol=0.05 * la.abs().max().item())
     with pytest.raises(ModelError, match="--dtype"):
         export_packed(tmp_path / "student", tmp_path / "x", dtype="float16")
+
+
+def test_conversion_follows_the_latest_choice_for_head_and_embeddings(tokenizer):
+    model = tiny.build_llama(None, len(tokenizer))
+    convert_to_bitnet(model, include_head=True, include_embeddings=True)
+    convert_to_bitnet(model)  # e.g. a later run with student.bitnet_head=false on that student
+    assert type(model.lm_head) is nn.Linear and type(model.model.embed_tokens) is nn.Embedding
+    assert isinstance(model.model.layers[0].mlp.up_proj, BitLinear)
+    assert model.config.potstill_bitnet == {"head": False, "embeddings": False}
+
