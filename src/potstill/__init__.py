@@ -37,7 +37,16 @@ def evaluate(model, **kwargs):
     return _evaluate(model, **kwargs)
 
 
+def export(run, *, bitnet: bool = True, out=None, dtype: str = "float32") -> dict:
+    """Packed 1.58-bit export of a BitNet run; see :func:`potstill.bitnet.export_packed`."""
+    from .bitnet import export_packed
+
+    if not bitnet:
+        raise PotstillError("potstill.export: only the packed BitNet format exists (bitnet=True)")
+    return export_packed(run, out, dtype=dtype)
+
+
 __all__ = [
-    "__version__", "distill", "evaluate", "load_config", "PotstillError", "DistillConfig", "TeacherConfig",
+    "__version__", "distill", "evaluate", "export", "load_config", "PotstillError", "DistillConfig", "TeacherConfig",
     "StudentConfig", "DataConfig", "LossConfig", "TrainConfig", "EvalConfig", "OutputConfig",
 ]

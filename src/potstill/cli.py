@@ -43,6 +43,19 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from .bitnet import export_packed
+    from .errors import ConfigError
+
+    if not args.bitnet:
+        raise ConfigError("potstill export: give --bitnet (the packed ternary format is the one export there is)")
+    m = export_packed(args.run, args.out, dtype=args.dtype)
+    print(f"packed BitNet model written to {m['out']}: {len(m['modules'])} ternary matrices, "
+          f"{m['packed_weight_bytes']:,} bytes vs {m['bf16_weight_bytes']:,} in bf16 "
+          f"(1/{1 / m['ratio_to_bf16']:.2f}); model.safetensors {m['file_bytes']:,} bytes")
+    return 0
+
+
 def cmd_quickstart(args: argparse.Namespace) -> int:
     from .quickstart import quickstart
     from .report import results_table
@@ -113,6 +126,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="also write the metrics to this JSON file")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("export", parents=[common], help="write a packed 1.58-bit (ternary) model of a BitNet run",
+                       description="Pack a student trained with student.bitnet=true: ternary weights at 2 bits "
+                                   "(4 per byte) with one scale per matrix, in safetensors, plus config and "
+                                   "tokenizer. `potstill evaluate` reads the folder.")
+    p.add_argument("run", help="run directory (with student/) or a BitNet student folder")
+    p.add_argument("--bitnet", action="store_true", help="packed ternary format (required)")
+    p.add_argument("--out", help="output folder (default: RUN/bitnet)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="the other tensors (embeddings, norms, head): float32 = exact training-time outputs "
+                        "(default); bfloat16 = half their size, outputs differ slightly")
+    p.set_defaults(func=cmd_export)
     return parser
 
 

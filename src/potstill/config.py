@@ -48,6 +48,10 @@ class TeacherConfig(_Section):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="auto: bfloat16 when training in bf16, else float32")
     trust_remote_code: bool = Field(False, description="allow model code from the hub repository")
+    quantization: Literal["none", "int8", "int4"] = Field(
+        "none", description="load the teacher with int8 / int4 weights (output head kept): less memory")
+    quantization_backend: Literal["auto", "torchao", "bitsandbytes"] = Field(
+        "auto", description="auto: torchao (CPU and CUDA); bitsandbytes: CUDA only, needs the package")
 
 
 class FromTeacherConfig(_Section):
@@ -76,6 +80,9 @@ class StudentConfig(_Section):
     from_teacher: FromTeacherConfig | None = Field(None, description="default when no student section is given: every: 2")
     trust_remote_code: bool = Field(False, description="allow model code from the hub repository")
     gradient_checkpointing: bool = Field(False, description="recompute activations in backward: less memory, ~30% slower")
+    bitnet: bool = Field(False, description="BitNet b1.58: ternary weights, 8-bit activations in every linear layer")
+    bitnet_head: bool = Field(False, description="with bitnet: make the output head ternary too")
+    bitnet_embeddings: bool = Field(False, description="with bitnet: make the input embeddings ternary too")
 
     @model_validator(mode="after")
     def _one_source(self) -> "StudentConfig":
@@ -84,6 +91,8 @@ class StudentConfig(_Section):
             raise ValueError(
                 "give exactly one of student.name_or_path, student.config or student.from_teacher"
                 + (f" (got {', '.join(given)})" if given else ""))
+        if (self.bitnet_head or self.bitnet_embeddings) and not self.bitnet:
+            raise ValueError("student.bitnet_head / bitnet_embeddings need student.bitnet=true")
         return self
 
 

@@ -52,6 +52,8 @@ def head_params(model) -> Optional[HeadParams]:
     if not isinstance(head, torch.nn.Linear) or not isinstance(weight, torch.Tensor) \
             or weight.dim() != 2 or not weight.is_floating_point():
         return None  # quantized (int8 / 4-bit) or wrapped heads: plain path
+    if callable(getattr(head, "quantized_weight", None)):
+        return None  # a BitNet (ternary) head quantizes its input too: plain path
     softcap = getattr(text_config, "final_logit_softcapping", None)
     return HeadParams(weight, head.bias, float(softcap) if softcap else None)
 

@@ -61,6 +61,10 @@ def load_causal_lm(ref: Any, *, revision: str | None, dtype: torch.dtype | None,
         return ref
     from transformers import AutoModelForCausalLM
 
+    from .bitnet import is_packed_folder, load_packed, reapply_marker
+
+    if is_packed_folder(ref):  # `potstill export --bitnet` output
+        return load_packed(ref, dtype=dtype)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             ref, revision=revision, dtype=dtype, trust_remote_code=trust_remote_code)
@@ -68,7 +72,7 @@ def load_causal_lm(ref: Any, *, revision: str | None, dtype: torch.dtype | None,
         raise ModelError(
             f"cannot load the {role} model '{ref}': not a local folder with config.json and weights, and not "
             f"reachable on the hub ({_first_line(err)}); check {role}.name_or_path") from None
-    return model
+    return reapply_marker(model)  # a student saved by a BitNet run gets its ternary layers back
 
 
 def _first_line(err: Exception) -> str:
@@ -86,9 +90,14 @@ def freeze(model: nn.Module) -> nn.Module:
 
 def load_teacher(cfg: TeacherConfig, *, dtype: torch.dtype | None):
     """(frozen teacher model, tokenizer). The tokenizer defaults to the model's own."""
-    model = load_causal_lm(cfg.name_or_path, revision=cfg.revision, dtype=dtype,
-                           trust_remote_code=cfg.trust_remote_code, role="teacher")
-    if dtype is not None and not isinstance(cfg.name_or_path, str):
+    if cfg.quantization != "none":
+        from .quantize import load_quantized_teacher
+
+        model = load_quantized_teacher(cfg, dtype=dtype)
+    else:
+        model = load_causal_lm(cfg.name_or_path, revision=cfg.revision, dtype=dtype,
+                               trust_remote_code=cfg.trust_remote_code, role="teacher")
+    if dtype is not None and not isinstance(cfg.name_or_path, str) and cfg.quantization == "none":
         model = model.to(dtype)
     tok_ref = cfg.tokenizer if cfg.tokenizer is not None else cfg.name_or_path
     if not isinstance(tok_ref, str) and cfg.tokenizer is None:
@@ -121,6 +130,9 @@ def load_student(cfg: StudentConfig, *, teacher: nn.Module | None, teacher_token
     else:
         tokenizer = load_tokenizer(tok_ref, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code,
                                    role="student")
+    from .bitnet import apply_student_config
+
+    model = apply_student_config(model, cfg)  # student.bitnet: ternary linear layers
     model = model.float()
     model.train()
     for p in model.parameters():
@@ -194,7 +206,10 @@ def student_from_teacher(teacher: nn.Module, layers: list[int]) -> nn.Module:
             src = f"{prefix}.{layers[int(idx)]}.{rest}"
         else:
             src = key
-        new_state[key] = teacher_state[src].detach().clone().float()
+        value = teacher_state[src]
+        if type(value) not in (torch.Tensor, nn.Parameter) and hasattr(value, "dequantize"):
+            value = value.dequantize()  # a quantized teacher (torchao) gives the student its dequantized weights
+        new_state[key] = value.detach().clone().float()
     student.load_state_dict(new_state)
     log.info("student from teacher: kept layers %s of %d", layers, num_layers(teacher))
     return student

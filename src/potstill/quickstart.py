@@ -89,7 +89,7 @@ def test_scores(models: dict[str, Path], teacher: Path, *, progress: bool) -> di
 
     from .data import build_datasets
     from .evaluate import evaluate_models
-    from .models import freeze
+    from .models import freeze, load_causal_lm
     from .precision import autocast_context, resolve_precision
 
     tok = AutoTokenizer.from_pretrained(teacher)
@@ -101,7 +101,9 @@ def test_scores(models: dict[str, Path], teacher: Path, *, progress: bool) -> di
     teacher_model = freeze(AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float32)).to(device)
     rows = {}
     for name, path in models.items():
-        model = freeze(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)).to(device)
+        # load_causal_lm: BitNet students get their ternary layers back, packed folders load too.
+        model = freeze(load_causal_lm(str(path), revision=None, dtype=torch.float32, trust_remote_code=False,
+                                      role="model")).to(device)
         scores = evaluate_models(model, test, pad_token_id=tok.pad_token_id, batch_size=16, device=device,
                                  teacher=None if path == teacher else teacher_model,
                                  autocast=autocast_context(precision, device), progress=progress)
