@@ -134,7 +134,7 @@ def _train(cfg: DistillConfig, accelerator, run_dir: Path, precision: str, resum
 
     # -- models ---------------------------------------------------------------------------
     teacher, teacher_tok = None, None
-    if cfg.teacher.name_or_path is not None:
+    if cfg.teacher.name_or_path is not None and cfg.teacher.cache is None:  # a cache replaces the teacher
         t_dtype = {"auto": compute_dtype(precision) or torch.float32, "float32": torch.float32,
                    "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.teacher.dtype]
         teacher, teacher_tok = load_teacher(cfg.teacher, dtype=t_dtype)
@@ -159,6 +159,11 @@ def _train(cfg: DistillConfig, accelerator, run_dir: Path, precision: str, resum
     # -- data -----------------------------------------------------------------------------
     with accelerator.main_process_first():
         train_ds, val_ds = build_datasets(cfg.data, tokenizer, seed=cfg.train.seed, progress=progress and is_main)
+    cached = None
+    if cfg.teacher.cache is not None:
+        from .teacher import CachedTeacher
+
+        cached = CachedTeacher(cfg.teacher.cache, tokenizer=tokenizer, train_ds=train_ds, loss_cfg=cfg.loss)
     tc = cfg.train
     batcher = StepBatcher(len(train_ds), batch_size=tc.batch_size, grad_accum=tc.grad_accum,
                           world_size=accelerator.num_processes, rank=accelerator.process_index, seed=tc.seed)
@@ -176,7 +181,7 @@ def _train(cfg: DistillConfig, accelerator, run_dir: Path, precision: str, resum
                               scheduler_specific_kwargs=extra)
     student, optimizer = accelerator.prepare(student, optimizer)
     raw_student = accelerator.unwrap_model(student)
-    student_head, teacher_head = choose_loss_path(cfg.loss.path, raw_student, teacher if objective.needs_teacher else None)
+    student_head, teacher_head = choose_loss_path("plain" if cached is not None else cfg.loss.path, raw_student, teacher if objective.needs_teacher else None)
 
     # -- resume ---------------------------------------------------------------------------
     start_step = 0
@@ -237,7 +242,8 @@ def _train(cfg: DistillConfig, accelerator, run_dir: Path, precision: str, resum
     train_metrics: dict[str, float] = {}
     student.train()
     for step in range(start_step, max_steps):
-        batches = [collate([train_ds[i] for i in idx], tokenizer.pad_token_id) for idx in batcher.micro_batches(step)]
+        micro = batcher.micro_batches(step)
+        batches = [collate([train_ds[i] for i in idx], tokenizer.pad_token_id) for idx in micro]
         local_valid = sum(count_valid(b["labels"]) for b in batches)
         n_valid_step = reduce_sum({"n": torch.as_tensor(local_valid)}, accelerator)["n"]
         sums = {"loss": torch.zeros(()), "tokens": torch.zeros(())}
@@ -261,7 +267,8 @@ def _train(cfg: DistillConfig, accelerator, run_dir: Path, precision: str, resum
                         with torch.no_grad(), autocast():
                             teacher_out = teacher(input_ids=ids, attention_mask=attn).logits
                     student_out = student(input_ids=ids, attention_mask=attn).logits
-                    out = objective(student_out, batch["labels"], teacher_out)
+                    out = objective(student_out, batch["labels"], teacher_out) if cached is None else \
+                        cached.objective(objective, student_out, batch["labels"], micro[m])
                 if not torch.isfinite(out.weighted_sum):
                     raise DivergedError(_diverged_message(step + 1, f"loss is {out.weighted_sum.item()}", last_good))
                 accelerator.backward(step_loss(out.weighted_sum, n_valid_step, accelerator.num_processes))
