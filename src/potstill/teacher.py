@@ -73,6 +73,32 @@ class CachedTeacher:
             parts.append(rows)
         return {key: torch.from_numpy(np.concatenate([p[key] for p in parts])) for key in parts[0]}
 
+    def chunked_ok(self, loss_cfg) -> bool:
+        """Whether the hidden-state (chunked) path has this loss: forward KL, or CE alone."""
+        return loss_cfg.logits.weight == 0 or loss_cfg.logits.divergence == "fkl"
+
+    def fused_objective(self, objective: Objective, student_hidden: torch.Tensor, student_head,
+                        labels: torch.Tensor, example_indices: list[int]) -> ObjectiveOutput:
+        """The same as :meth:`objective` from hidden states (B, T, H) and the student's head, never
+        holding B x T x V logits (:func:`potstill.losses.sparse_chunked.sparse_chunked_loss`)."""
+        from .losses.sparse_chunked import sparse_chunked_loss
+
+        if student_head.softcap is not None:
+            raise ValueError("the cached-teacher chunked path has no logit soft-capping: use loss.path=plain")
+        cfg = objective.cfg
+        mask = labels[:, 1:] != IGNORE_INDEX
+        hidden = student_hidden[:, :-1][mask]
+        rows = self.targets(example_indices, mask) if cfg.logits.weight > 0 else {}
+        v = min(student_head.weight.shape[0], self.vocab)
+        if rows and len(rows["ids"]) and int(rows["ids"].max()) >= v:
+            raise CacheError(f"teacher.cache {self.reader.folder}: token id {int(rows['ids'].max())} is outside the "
+                             f"student's {student_head.weight.shape[0]} logits: the cache belongs to another vocabulary")
+        out = sparse_chunked_loss(hidden, student_head.weight, student_head.bias, labels[:, 1:][mask], rows,
+                                  kind=self.kind, missing_mass=cfg.logits.missing_mass,
+                                  temperature=cfg.logits.temperature, kd_weight=objective.kd_scale if
+                                  cfg.logits.weight > 0 else 0.0, ce_weight=cfg.ce.weight, vocab=v)
+        return ObjectiveOutput(weighted_sum=out.weighted_sum, n_valid=out.n_valid, term_sums=dict(out.term_sums))
+
     def objective(self, objective: Objective, student_logits: torch.Tensor, labels: torch.Tensor,
                   example_indices: list[int]) -> ObjectiveOutput:
         """The run's objective with the sparse logit term: student_logits (B, T, V), labels (B, T)."""

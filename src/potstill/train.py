@@ -181,7 +181,8 @@ def _train(cfg: DistillConfig, accelerator, run_dir: Path, precision: str, resum
                               scheduler_specific_kwargs=extra)
     student, optimizer = accelerator.prepare(student, optimizer)
     raw_student = accelerator.unwrap_model(student)
-    student_head, teacher_head = choose_loss_path("plain" if cached is not None else cfg.loss.path, raw_student, teacher if objective.needs_teacher else None)
+    path = "plain" if cached is not None and not cached.chunked_ok(cfg.loss) else cfg.loss.path
+    student_head, teacher_head = choose_loss_path(path, raw_student, teacher if objective.needs_teacher else None)
 
     # -- resume ---------------------------------------------------------------------------
     start_step = 0
@@ -254,14 +255,18 @@ def _train(cfg: DistillConfig, accelerator, run_dir: Path, precision: str, resum
                 ids, attn = batch["input_ids"], batch["attention_mask"]
                 teacher_out = student_out = None
                 if student_head is not None:  # chunked: hidden states in, never B x T x V logits
-                    if objective.needs_teacher:
+                    if objective.needs_teacher and cached is None:
                         with torch.no_grad(), autocast():
                             teacher_out = forward_hidden(teacher, teacher, ids, attn)
                     student_out = forward_hidden(student, raw_student, ids, attn)
                     with autocast():
-                        out = objective.fused(student_out, student_head, batch["labels"], teacher_out, teacher_head,
-                                              chunk_size=cfg.loss.chunk_size,
-                                              memory_budget_mb=cfg.loss.memory_budget_mb)
+                        if cached is not None:  # sparse targets from disk instead of the teacher
+                            out = cached.fused_objective(objective, student_out, student_head, batch["labels"],
+                                                         micro[m])
+                        else:
+                            out = objective.fused(student_out, student_head, batch["labels"], teacher_out, teacher_head,
+                                                  chunk_size=cfg.loss.chunk_size,
+                                                  memory_budget_mb=cfg.loss.memory_budget_mb)
                 else:
                     if teacher is not None and objective.needs_teacher:
                         with torch.no_grad(), autocast():
