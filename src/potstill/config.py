@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from .errors import ConfigError
 
-SECTIONS = ("teacher", "student", "data", "loss", "train", "eval", "output", "cache")
+SECTIONS = ("teacher", "student", "data", "loss", "train", "eval", "output", "cache", "generate")
 ENV_PREFIX = "POTSTILL_"
 
 
@@ -209,6 +209,21 @@ class CacheConfig(_Section):
     overwrite: bool = Field(False, description="replace a cache of other settings in cache.dir")
 
 
+class GenerateConfig(_Section):
+    """What ``potstill generate`` writes: the teacher's answers to the data's prompts."""
+
+    output: str | None = Field(None, description="generate: .jsonl or .parquet file for the teacher's answers")
+    num_generations: int = Field(1, ge=1, description="answers per prompt")
+    temperature: float = Field(1.0, ge=0.0, description="sampling temperature; 0: greedy")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus sampling mass")
+    top_k: int | None = Field(None, ge=1, description="sample among the k most likely tokens")
+    max_new_tokens: int = Field(256, ge=1, description="tokens per answer at most")
+    max_prompt_length: int = Field(1024, ge=1, description="longer prompts are skipped (and counted)")
+    batch_size: int = Field(8, ge=1, description="prompts per generate call")
+    seed: int = Field(0, description="sampling seed (per batch)")
+    chat_template: bool = Field(True, description="render prompts with the chat template when there is one")
+
+
 class DistillConfig(_Section):
     """The whole run. Build it in Python or with :func:`load_config`."""
 
@@ -220,6 +235,10 @@ class DistillConfig(_Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
     cache: CacheConfig = Field(default_factory=CacheConfig)
+    generate: GenerateConfig = Field(default_factory=GenerateConfig)
+    stages: list[dict[str, Any]] | None = Field(
+        None, description="run these in order, each a dict of (dotted) keys over this config, in "
+                          "<output.dir>/stage-N, each student starting from the previous stage's")
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "DistillConfig":

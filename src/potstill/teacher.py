@@ -20,7 +20,7 @@ import torch
 from .cache import CacheError, CacheReader
 from .errors import ConfigError
 from .losses import cross_entropy
-from .losses.sparse import sampled_forward_kl, topk_divergence
+from .losses.sparse import SPARSE_DIVERGENCES, sampled_forward_kl, topk_divergence
 from .objective import IGNORE_INDEX, Objective, ObjectiveOutput, count_valid, shift
 
 log = logging.getLogger("potstill")
@@ -50,12 +50,16 @@ class CachedTeacher:
             raise ConfigError(f"{where} holds teacher log-probs at temperature {m['temperature']}, the run asks "
                               f"for loss.logits.temperature={lc.temperature}: set it to {m['temperature']} or "
                               "capture again")
-        allowed = ("fkl",) if m["kind"] == "sampled" or lc.missing_mass == "renormalize" else ("fkl", "rkl", "jsd")
-        if lc.weight > 0 and lc.divergence not in allowed:
-            how = "sampled tokens" if m["kind"] == "sampled" else "a renormalized top-k teacher"
-            raise ConfigError(f"loss.logits.divergence={lc.divergence} is not defined for {how} (cache {m['kind']}, "
-                              f"loss.logits.missing_mass={lc.missing_mass}): use {' or '.join(allowed)}"
-                              + ("" if m["kind"] == "sampled" else ", or missing_mass=rest for rkl / jsd"))
+        if lc.weight > 0:
+            if m["kind"] == "sampled" and lc.divergence != "fkl":
+                raise ConfigError(f"loss.logits.divergence={lc.divergence} is not defined for sampled tokens "
+                                  f"({where} is a sampled cache): use fkl")
+            if lc.missing_mass == "renormalize" and lc.divergence != "fkl":
+                raise ConfigError(f"loss.logits.divergence={lc.divergence} is not defined for a renormalized top-k "
+                                  "teacher (it is 0 outside the k ids): use fkl, or loss.logits.missing_mass=rest")
+            if lc.divergence not in SPARSE_DIVERGENCES:
+                raise ConfigError(f"loss.logits.divergence={lc.divergence} has no sparse version for a teacher "
+                                  f"cache: use {', '.join(SPARSE_DIVERGENCES)}")
         self.kind = m["kind"]
         self.vocab = int(m["teacher"]["vocab_size"])
         log.info("teacher: cache %s (%s, k=%d, %s, %.1f bytes per token), no teacher model loaded",

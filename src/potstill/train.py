@@ -70,6 +70,10 @@ def distill(config: DistillConfig | dict | str | Path, *, overrides=(), progress
     from accelerate.utils import set_seed
 
     cfg = as_config(config, overrides)
+    if cfg.stages:  # several runs in a row (e.g. sequence-level KD on generated data, then the original data)
+        from .stages import run_stages
+
+        return run_stages(cfg, progress=progress)
     precision = resolve_precision(cfg.train.precision)
     # cpu=True where there is no GPU: only then does Accelerate see a torchrun/mpirun world on CPUs.
     accelerator = Accelerator(mixed_precision=accelerate_mixed_precision(precision), cpu=not torch.cuda.is_available())
