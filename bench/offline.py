@@ -10,8 +10,9 @@ number of steps for every run:
   ``potstill distill teacher.cache=...`` with ``loss.logits.missing_mass`` rest or renormalize;
 * ``sampled n=N``: ``cache.kind=sampled`` (Sparse Logit Sampling, ACL 2025), unbiased forward KL.
 
-To keep the teacher passes short the train split is cut to its first rows, enough for one
-epoch of the run (``data.max_examples``); every run uses that same data. Columns: bytes per
+To keep the teacher passes short the train split is thinned to every m-th row, enough for
+about one epoch of the run (written to ``<out>/train-subset.jsonl``; the validation split is
+the corpus's own); every run uses that same data. Columns: bytes per
 cached token (file bytes / cached tokens), test-split perplexity and KL(teacher || student)
 of the trained student (the quickstart's ``test_scores``), training tokens/s (median over the
 run's logged windows; no evaluation or checkpoint inside the timed steps), and the cache's
@@ -25,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import statistics
@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 
 ALL_RUNS = ("online", "ce", "topk12", "sampled12", "sampled32", "topk64", "topk12_renorm", "topk64_renorm")
+TRAIN_BLOCKS = 20044  # blocks of 256 tokens in the whole python-docs train split
 
 
 def cache_spec(name: str) -> dict | None:
@@ -57,33 +58,29 @@ def label(name: str) -> str:
     return f"sampled n={spec['k']}"
 
 
-def base_config(out: Path, run: Path, steps: int, init: Path, max_examples: int, *, ce_only: bool = False) -> dict:
+def base_config(out: Path, run: Path, steps: int, init: Path, subset: Path, *, ce_only: bool = False) -> dict:
+    from potstill.corpus import python_docs_split_path
     from potstill.quickstart import run_config
 
     cfg = run_config(run, steps, init, ce_only=ce_only).model_dump()
-    cfg["data"]["max_examples"] = max_examples
+    cfg["data"].update(source=str(subset), validation_split=None,
+                       validation_source=str(python_docs_split_path("validation")))
     cfg["train"].update(checkpoint_every=steps, log_every=max(1, steps // 24))
     cfg["eval"] = {"every": None, "max_batches": 8}
     return cfg
 
 
-def rows_for_blocks(cfg: dict, blocks: int) -> int:
-    """The fewest first rows of the train split that give at least ``blocks`` training blocks."""
-    from transformers import AutoTokenizer
+def thin_train_split(out: Path, blocks: int) -> tuple[Path, int]:
+    """Every m-th row of the python-docs train split, m chosen for about ``blocks`` blocks of 256."""
+    from potstill.corpus import python_docs_split_path
 
-    from potstill.config import DataConfig
-    from potstill.data import build_datasets
-
-    tok = AutoTokenizer.from_pretrained(cfg["teacher"]["name_or_path"])
-    n = max(16, blocks)
-    for _ in range(6):
-        data = DataConfig.model_validate({**cfg["data"], "max_examples": n, "validation_split": None,
-                                          "validation_fraction": 0.0})
-        got = len(build_datasets(data, tok, progress=False)[0])
-        if got >= blocks:
-            return n
-        n = int(n * blocks / max(got, 1) * 1.05) + 1
-    return n
+    lines = python_docs_split_path("train").read_text(encoding="utf-8").splitlines()
+    stride = max(1, int(TRAIN_BLOCKS / (blocks * 1.1)))
+    path = out / "train-subset.jsonl"
+    text = "".join(line + "\n" for line in lines[::stride])
+    if not path.is_file() or path.read_text(encoding="utf-8") != text:
+        path.write_text(text, encoding="utf-8")
+    return path, stride
 
 
 def median_tokens_per_s(run: Path) -> float:
@@ -113,14 +110,14 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     init = make_student_init(out)
     teacher = demo_teacher_path()
-    # One epoch of the run: the fewest first rows of the train split that fill steps x 16 blocks.
-    max_examples = rows_for_blocks(base_config(out, out / "x", args.steps, init, None), args.steps * 16)
+    # About one epoch of the run, spread over the whole train split.
+    subset, stride = thin_train_split(out, args.steps * 16)
     results: dict[str, dict] = {}
     captures: dict[str, dict] = {}
     for name in runs:
         run = out / name
         spec = cache_spec(name)
-        cfg = base_config(out, run, args.steps, init, max_examples, ce_only=name == "ce")
+        cfg = base_config(out, run, args.steps, init, subset, ce_only=name == "ce")
         row: dict = {"label": label(name)}
         if spec is not None:
             cache_dir = out / f"cache-{spec['kind']}{spec['k']}"
@@ -144,12 +141,12 @@ def main() -> int:
                    params=score["params"])
         results[name] = row
         print(f"   {json.dumps(row)}", flush=True)
-        write_record(args, runs, results, max_examples)
-    write_record(args, runs, results, max_examples, final=True)
+        write_record(args, runs, results, stride)
+    write_record(args, runs, results, stride, final=True)
     return 0
 
 
-def write_record(args, runs, results, max_examples, final: bool = False) -> None:
+def write_record(args, runs, results, stride, final: bool = False) -> None:
     """The table of the runs done so far, printed (at the end) and written to the JSON file."""
     runs = [r for r in runs if r in results]
 
@@ -166,7 +163,7 @@ def write_record(args, runs, results, max_examples, final: bool = False) -> None
     table = "\n".join(lines).replace("| nan |", "| - |")
     if final:
         print(table)
-    record = {"command": " ".join(["python"] + sys.argv), "steps": args.steps, "max_examples": max_examples,
+    record = {"command": " ".join(["python"] + sys.argv), "steps": args.steps, "train_row_stride": stride,
               "teacher_params": 16_913_280, "student_params": results[runs[0]]["params"], "torch": torch.__version__,
               "threads": torch.get_num_threads(), "cpus": os.cpu_count(), "machine": platform.machine(),
               "results": results, "table": table}
