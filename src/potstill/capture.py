@@ -136,6 +136,7 @@ def cache_teacher(config, *, overrides=(), progress: bool = True) -> dict[str, A
     teacher.eval()
     for s in range(start, header["n_shards"]):
         lo, hi = s * per_shard, min((s + 1) * per_shard, n)
+        t_shard = time.perf_counter()
         gen = None
         if cc.kind == "sampled":
             gen = torch.Generator(device=device).manual_seed(cc.seed * 1_000_003 + s)
@@ -155,13 +156,16 @@ def cache_teacher(config, *, overrides=(), progress: bool = True) -> dict[str, A
         arrays = encode_rows(rows_np, kind=cc.kind, vocab_size=vocab, value_bits=cc.value_bits)
         arrays["offsets"] = np.concatenate([[0], np.cumsum(np.concatenate(counts))]).astype(np.int64)
         entry = fmt.write_shard(folder, s, arrays)
-        entry.update(examples=[lo, hi], rows=int(arrays["offsets"][-1]))
+        entry.update(examples=[lo, hi], rows=int(arrays["offsets"][-1]),
+                     seconds=round(time.perf_counter() - t_shard, 3))
         manifest["shards"].append(entry)
         fmt.write_manifest(folder, manifest)
     bar.close()
     rows_total = sum(e["rows"] for e in manifest["shards"])
     bytes_total = sum(e["bytes"] for e in manifest["shards"])
-    manifest.update(complete=True, n_rows=rows_total, bytes=bytes_total,
+    seconds = sum(e.get("seconds", 0.0) for e in manifest["shards"])
+    manifest.update(complete=True, n_rows=rows_total, bytes=bytes_total, capture_seconds=round(seconds, 1),
+                    capture_tokens_per_s=rows_total / max(seconds, 1e-9),
                     bytes_per_token=bytes_total / max(rows_total, 1),
                     payload_bytes_per_token=fmt.bytes_per_row(cc.kind, k, vocab, cc.value_bits))
     fmt.write_manifest(folder, manifest)

@@ -141,7 +141,7 @@ def generate(config, *, overrides=(), progress: bool = True) -> dict[str, Any]:
         generated = teacher.generate(
             input_ids=input_ids.to(device), attention_mask=attention.to(device), do_sample=sample,
             temperature=gc.temperature if sample else None, top_p=gc.top_p if sample else None,
-            top_k=gc.top_k if sample else None, max_new_tokens=gc.max_new_tokens,
+            top_k=(gc.top_k or 0) if sample else None, max_new_tokens=gc.max_new_tokens,  # 0: no top-k filter
             num_return_sequences=gc.num_generations, pad_token_id=pad, eos_token_id=tok.eos_token_id,
             use_cache=True)
         new = generated[:, width:].cpu()

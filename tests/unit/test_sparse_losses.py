@@ -91,7 +91,7 @@ def test_sampled_estimator_is_unbiased():
         s1 = s.clone().requires_grad_(True)
         est, count = sampled_forward_kl(s1, ids, entropy, temperature=temperature)
         est.backward()
-        values.append(float(est))
+        values.append(float(est.detach()))
         grads += s1.grad
     values = torch.tensor(values, dtype=torch.float64)
     stderr = float(values.std() / draws ** 0.5)

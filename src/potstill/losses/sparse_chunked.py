@@ -59,37 +59,51 @@ def _xlogy_ratio(lp: torch.Tensor, lq: torch.Tensor) -> torch.Tensor:
 
 
 def _block(z: torch.Tensor, tgt: torch.Tensor, t: Dict[str, torch.Tensor], spec: SparseSpec):
-    """One row block: z (r, Vs) logits -> (g (r, Vs) float32 gradient of the weighted sum, kd sum, ce sum)."""
+    """One row block: z (r, Vs) logits -> (g (r, Vs) float32 gradient of the weighted sum, kd sum, ce sum).
+
+    The softmax is spelled out (max, exp, sum) so that every quantity the loss and its
+    gradient need comes from a few passes over the block, with the exponentials reused in place.
+    """
     v, T = spec.vocab, spec.temperature
     zf = z.float()
-    g = torch.zeros_like(zf)
     kd = ce = None
+    g = None
     if spec.kd_weight > 0:
-        ls = torch.log_softmax(zf[:, :v] / T, dim=-1)
-        q = ls.exp()
+        zs = zf[:, :v] if T == 1.0 else zf[:, :v] / T
+        m = zs.amax(-1, keepdim=True)
+        e = (zs - m).exp_()                                   # (r, V): q * S
+        s = e.sum(-1, keepdim=True)
+        log_s = s.log()
         ids = t["ids"]
-        lq_k = ls.gather(-1, ids)
+        lq_k = zs.gather(-1, ids) - m - log_s                  # (r, K) student log-probs at the ids
+        scale = spec.kd_weight / T
         if spec.kind == "sampled":
             kd = (-lq_k.mean(-1) - t["entropy"]).sum()
-            gk = q.scatter_add_(-1, ids, torch.full(ids.shape, -1.0 / ids.shape[1], dtype=q.dtype))
+            g = e.mul_(scale / s)
+            g.scatter_add_(-1, ids, torch.full(ids.shape, -scale / ids.shape[1], dtype=g.dtype))
         elif spec.missing_mass == "renormalize":
             kd = _xlogy_ratio(t["lp"], lq_k).sum()
-            gk = q.scatter_add_(-1, ids, -t["lp"].exp())
+            g = e.mul_(scale / s)
+            g.scatter_add_(-1, ids, -scale * t["lp"].exp())
         else:
-            floor = torch.finfo(ls.dtype).min
-            lq_rest = ls.scatter(-1, ids, floor).logsumexp(-1, keepdim=True)                # (r, 1)
+            e_k = e.gather(-1, ids)
+            e.scatter_(-1, ids, 0.0)
+            s_rest = e.sum(-1, keepdim=True)                   # the student's mass outside the ids, x S
+            lq_rest = s_rest.log() - log_s                      # -inf when it underflows
             lp_rest = t["lp_rest"].unsqueeze(-1)
             kd = (_xlogy_ratio(t["lp"], lq_k).sum(-1) + _xlogy_ratio(lp_rest, lq_rest).squeeze(-1)).sum()
-            # outside the ids: q_j - p_rest * q_j / q_rest; inside: q_j - p_j (scatter overwrites).
-            gk = q - torch.exp(ls - lq_rest + lp_rest)
-            gk.scatter_(-1, ids, lq_k.exp() - t["lp"].exp())
-        g[:, :v] = gk * (spec.kd_weight / T)
+            # outside the ids: q_j (1 - p_rest / q_rest); at the ids: q_j - p_j.
+            ratio = torch.where(s_rest > 0, (lp_rest - lq_rest).exp(), torch.zeros_like(s_rest))
+            g = e.mul_(scale * (1.0 - ratio) / s)
+            g.scatter_(-1, ids, scale * (e_k / s - t["lp"].exp()))
+        if v < zf.shape[1]:
+            g = torch.cat([g, torch.zeros_like(zf[:, v:])], dim=-1)
     if spec.ce_weight > 0:
         ls1 = torch.log_softmax(zf, dim=-1)
         ce = -ls1.gather(-1, tgt.unsqueeze(-1)).sum()
         p1 = ls1.exp_()
         p1.scatter_add_(-1, tgt.unsqueeze(-1), torch.full((len(tgt), 1), -1.0))
-        g.add_(p1, alpha=spec.ce_weight)
+        g = p1.mul_(spec.ce_weight) if g is None else g.add_(p1, alpha=spec.ce_weight)
     return g, kd, ce
 
 
@@ -113,9 +127,15 @@ class _SparseChunked(torch.autograd.Function):
             g = torch.empty(z.shape, dtype=torch.float32, device=z.device)
 
             def rows(_worker, a, c, lo=lo, z=z, g=g):
-                t = {k: v[lo + a: lo + c] for k, v in teacher.items()}
-                g[a:c], kd, ce = _block(z[a:c], targets[lo + a: lo + c], t, spec)
-                return kd, ce
+                # _map_rows hands each worker one piece; walk it in cache-sized blocks.
+                kd_sum = ce_sum = None
+                for r0 in range(a, c, block_rows):
+                    r1 = min(r0 + block_rows, c)
+                    t = {k: v[lo + r0: lo + r1] for k, v in teacher.items()}
+                    g[r0:r1], kd, ce = _block(z[r0:r1], targets[lo + r0: lo + r1], t, spec)
+                    kd_sum = kd if kd_sum is None else kd_sum + kd
+                    ce_sum = ce if ce_sum is None else ce_sum + ce
+                return kd_sum, ce_sum
 
             for kd, ce in _map_rows(rows, hi - lo, block_rows, workers):
                 if kd is not None:
