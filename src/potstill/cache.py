@@ -18,8 +18,9 @@ Shard arrays (uncompressed ``.npz``):
 * top-k (``kind: topk``): ``logp`` (R, K) and ``rest`` (R,) uint8 or uint16: teacher
   log-probabilities of the ids, sorted descending, and the log of the mass outside them,
   both quantized linearly on [logp_min, 0]: code = round((x - logp_min) / (-logp_min) * (2^bits - 1)),
-  x = logp_min + code * step; values below logp_min are stored as logp_min
-  (:func:`quantize_logp`). logp_min is -20 for 8 bits (step 0.078, so each probability is
+  x = logp_min + code * step; values at or below logp_min get code 0, which decodes to
+  -inf (probability 0: a mass under e^-20 is not worth a bucket, and a rest of exactly 0
+  when k = V must stay 0) (:func:`quantize_logp`). logp_min is -20 for 8 bits (step 0.078, so each probability is
   kept within ±4%) and -40 for 16 bits (step 0.0006).
 * sampled (``kind: sampled``): ``ids`` holds K draws (with repeats) from the teacher's
   distribution; ``entropy`` float16 (R,) is the teacher's entropy, for an unbiased KL.
@@ -94,9 +95,11 @@ def quantize_logp(logp: np.ndarray, value_bits: int) -> np.ndarray:
 
 
 def dequantize_logp(codes: np.ndarray, value_bits: int) -> np.ndarray:
-    """Codes -> float32 log-probabilities (max error half a step above LOGP_MIN)."""
+    """Codes -> float32 log-probabilities (max error half a step above LOGP_MIN; code 0 -> -inf)."""
     lo = LOGP_MIN[value_bits]
-    return (lo + codes.astype(np.float32) * (-lo / ((1 << value_bits) - 1))).astype(np.float32)
+    x = (lo + codes.astype(np.float32) * (-lo / ((1 << value_bits) - 1))).astype(np.float32)
+    x[codes == 0] = -np.inf
+    return x
 
 
 def bytes_per_row(kind: str, k: int, vocab_size: int, value_bits: int) -> float:

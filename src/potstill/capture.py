@@ -54,8 +54,8 @@ def teacher_rows(logits: torch.Tensor, labels: torch.Tensor, *, kind: str, k: in
     if kind == "topk":
         k = min(k, logp.shape[-1])
         values, ids = logp.topk(k, dim=-1)
-        # 1 - (top-k mass) in float64: exact to ~1e-16, far below the smallest stored value (e^-40).
-        rest = torch.log((1.0 - values.double().exp().sum(-1)).clamp_min(0.0)).float()
+        # The outside mass summed directly, not 1 - (top-k mass): no rounding noise, exactly 0 when k = V.
+        rest = logp.scatter(-1, ids, float("-inf")).logsumexp(-1)
         rows = {"ids": ids, "logp": values, "rest": rest}
     else:
         probs = logp.exp()

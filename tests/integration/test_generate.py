@@ -73,7 +73,7 @@ def test_generate_writes_rows_skips_long_prompts_and_resumes_identically(tmp_pat
     assert (tmp_path / "gen.jsonl").read_text().splitlines() == complete
     assert not partial.exists()
     # parquet output, read back by the data pipeline directly
-    _cli("generate", str(config), "--no-progress", f"generate.output={tmp_path / 'gen.parquet'}")
+    _cli("generate", str(config), f"generate.output={tmp_path / 'gen.parquet'}", "--no-progress")
     import pandas as pd
 
     assert len(pd.read_parquet(tmp_path / "gen.parquet")) == len(rows)
@@ -117,5 +117,5 @@ def test_bad_stages_and_generate_settings_are_one_line_errors(tmp_path, teacher_
     config = _gen_config(tmp_path, teacher_dir, student_dir, chat_jsonl, output=str(tmp_path / "gen.csv"))
     proc = _cli("generate", str(config), "--no-progress", check=False)
     assert proc.returncode == 2 and "use a .jsonl or .parquet file" in proc.stderr.splitlines()[-1]
-    proc = _cli("distill", str(config), "--no-progress", "stages=[{train.lrr: 1}]", check=False)
+    proc = _cli("distill", str(config), "stages=[{train.lrr: 1}]", "--no-progress", check=False)
     assert proc.returncode == 2 and "stages[1]: unknown config key 'train.lrr'" in proc.stderr

@@ -89,7 +89,9 @@ def _block(z: torch.Tensor, tgt: torch.Tensor, t: Dict[str, torch.Tensor], spec:
             e_k = e.gather(-1, ids)
             e.scatter_(-1, ids, 0.0)
             s_rest = e.sum(-1, keepdim=True)                   # the student's mass outside the ids, x S
-            lq_rest = s_rest.log() - log_s                      # -inf when it underflows
+            # -inf only when the ids cover every column (then the teacher's rest is 0 too); the floor
+            # keeps a rounding-level teacher rest against an underflowed student rest finite.
+            lq_rest = (s_rest.log() - log_s).clamp_min(-100.0)
             lp_rest = t["lp_rest"].unsqueeze(-1)
             kd = (_xlogy_ratio(t["lp"], lq_k).sum(-1) + _xlogy_ratio(lp_rest, lq_rest).squeeze(-1)).sum()
             # outside the ids: q_j (1 - p_rest / q_rest); at the ids: q_j - p_j.
