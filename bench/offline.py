@@ -28,6 +28,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import sys
 import time
@@ -95,6 +96,10 @@ def main() -> int:
     parser.add_argument("--out", default="runs/bench-offline")
     parser.add_argument("--runs", default=",".join(ALL_RUNS), help=f"comma list of {', '.join(ALL_RUNS)}")
     parser.add_argument("--json", default="bench/results/offline.json")
+    parser.add_argument("--timing-steps", type=int, default=0,
+                        help="then time each run again for this many steps, back to back (tokens/s column)")
+    parser.add_argument("--timing-only", action="store_true",
+                        help="only the timing pass, over the finished runs recorded in --json")
     args = parser.parse_args()
     runs = [r for r in args.runs.split(",") if r]
     bad = [r for r in runs if r not in ALL_RUNS]
@@ -114,7 +119,10 @@ def main() -> int:
     subset, stride = thin_train_split(out, args.steps * 16)
     results: dict[str, dict] = {}
     captures: dict[str, dict] = {}
-    for name in runs:
+    if args.timing_only:
+        results = json.loads(Path(args.json).read_text())["results"]
+        runs = [r for r in runs if r in results]
+    for name in (runs if not args.timing_only else []):
         run = out / name
         spec = cache_spec(name)
         cfg = base_config(out, run, args.steps, init, subset, ce_only=name == "ce")
@@ -143,6 +151,25 @@ def main() -> int:
         results[name] = row
         print(f"   {json.dumps(row)}", flush=True)
         write_record(args, runs, results, stride)
+    if args.timing_steps:
+        # Training speed again, every run for the same few steps back to back (online KD first and
+        # last), so that load from other jobs on the machine hits all of them alike.
+        for name in runs + (["online"] if "online" in runs else []):
+            spec = cache_spec(name)
+            run = out / f"timing-{args.timing_steps}" / name
+            shutil.rmtree(run, ignore_errors=True)
+            cfg = base_config(out, run, args.timing_steps, init, subset, ce_only=name == "ce")
+            cfg["train"]["log_every"] = 2
+            if spec is not None:
+                cfg["teacher"]["cache"] = str(out / f"cache-{spec['kind']}{spec['k']}")
+                cfg["loss"]["logits"]["missing_mass"] = spec["mode"]
+            distill(validate_config(cfg), progress=False)
+            results[name].setdefault("tokens_per_s_timing", []).append(median_tokens_per_s(run))
+            print(f"   timing {name}: {results[name]['tokens_per_s_timing'][-1]:.0f} tokens/s", flush=True)
+        for name in runs:
+            results[name]["tokens_per_s_full_run"] = results[name].get("tokens_per_s_full_run",
+                                                                       results[name]["tokens_per_s"])
+            results[name]["tokens_per_s"] = statistics.median(results[name]["tokens_per_s_timing"])
     write_record(args, runs, results, stride, final=True)
     return 0
 
