@@ -28,7 +28,7 @@ def _gen_config(tmp_path, teacher_dir, student_dir, chat_jsonl, **generate) -> P
         "student": {"name_or_path": str(student_dir)},
         "data": {"source": str(chat_jsonl), "max_length": 64, "max_examples": 24},
         "generate": {"output": str(tmp_path / "gen.jsonl"), "num_generations": 2, "max_new_tokens": 6,
-                     "max_prompt_length": 24, "batch_size": 4, "temperature": 1.0, "top_k": 50, **generate},
+                     "max_prompt_length": 64, "batch_size": 4, "temperature": 1.0, "top_k": 50, **generate},
         "train": {"max_steps": 3, "batch_size": 4, "precision": "fp32", "log_every": 1},
         "output": {"dir": str(tmp_path / "run")},
     }
@@ -43,7 +43,7 @@ def test_generate_writes_rows_skips_long_prompts_and_resumes_identically(tmp_pat
     out = _cli("generate", str(config), "--no-progress")
     rows = [json.loads(line) for line in (tmp_path / "gen.jsonl").read_text().splitlines()]
     summary = json.loads((tmp_path / "gen.jsonl.summary.json").read_text())
-    # The rows whose rendered prompt (up to the last user turn) is over 24 tokens are skipped.
+    # The rows whose rendered prompt (up to the last user turn) is over 64 tokens are skipped.
     source = [json.loads(line) for line in chat_jsonl.read_text().splitlines()][:24]
     lengths = []
     for r in source:
@@ -51,10 +51,10 @@ def test_generate_writes_rows_skips_long_prompts_and_resumes_identically(tmp_pat
         last_user = max(i for i, m in enumerate(msgs) if m["role"] == "user")
         lengths.append(len(tokenizer.apply_chat_template(msgs[: last_user + 1], add_generation_prompt=True,
                                                          tokenize=True, return_dict=False)))
-    too_long = sum(n > 24 for n in lengths)
+    too_long = sum(n > 64 for n in lengths)
     assert 0 < too_long < 24
     assert summary["skipped_too_long"] == too_long and summary["prompts"] == 24 - too_long
-    assert f"skipped {too_long} prompts over 24 tokens" in out.stdout
+    assert f"skipped {too_long} prompts over 64 tokens" in out.stdout
     assert len(rows) == 2 * (24 - too_long)
     assert {r["sample"] for r in rows} == {0, 1}
     first = rows[0]
