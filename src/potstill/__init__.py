@@ -30,6 +30,13 @@ def distill(config, *, overrides=(), progress: bool = True):
     return _distill(config, overrides=overrides, progress=progress)
 
 
+def cache_teacher(config, *, overrides=(), progress: bool = True):
+    """Capture the teacher's top-k / sampled logits to disk; see :func:`potstill.capture.cache_teacher`."""
+    from .capture import cache_teacher as _cache_teacher
+
+    return _cache_teacher(config, overrides=overrides, progress=progress)
+
+
 def evaluate(model, **kwargs):
     """Evaluate a run directory, model folder or model object; see :func:`potstill.evaluate.evaluate`."""
     from .evaluate import evaluate as _evaluate
@@ -47,6 +54,6 @@ def export(run, *, bitnet: bool = True, out=None, dtype: str = "float32") -> dic
 
 
 __all__ = [
-    "__version__", "distill", "evaluate", "export", "load_config", "PotstillError", "DistillConfig", "TeacherConfig",
+    "__version__", "distill", "cache_teacher", "evaluate", "export", "load_config", "PotstillError", "DistillConfig", "TeacherConfig",
     "StudentConfig", "DataConfig", "LossConfig", "TrainConfig", "EvalConfig", "OutputConfig",
 ]

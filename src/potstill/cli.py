@@ -30,6 +30,24 @@ def cmd_distill(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cache_teacher(args: argparse.Namespace) -> int:
+    from .capture import cache_teacher
+
+    m = cache_teacher(args.config, overrides=args.overrides, progress=not args.no_progress)
+    print(f"teacher cache {m['kind']} k={m['k']}: {len(m['shards'])} shards, {m['n_rows']} tokens, "
+          f"{m['bytes_per_token']:.1f} bytes per token ({m['bytes'] / 1e6:.1f} MB)")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .generate import generate
+
+    s = generate(args.config, overrides=args.overrides, progress=not args.no_progress)
+    print(f"wrote {s['rows']} rows ({s['prompts']} prompts x {s['generation']['num_generations']}) to {s['output']}; "
+          f"skipped {s['skipped_too_long']} prompts over {s['max_prompt_length']} tokens")
+    return 0
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluate import evaluate
 
@@ -111,6 +129,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=500")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_distill)
+
+    p = sub.add_parser("cache-teacher", parents=[common], help="capture the teacher's top-k or sampled logits to disk",
+                       description="Run the teacher once over the config's tokenized train data and store, per "
+                                   "valid token, its top-k log-probs (cache.kind=topk) or k sampled ids "
+                                   "(cache.kind=sampled) in checksummed shards under cache.dir. Continues from "
+                                   "the last complete shard. Train from it with teacher.cache=DIR.")
+    p.add_argument("config", help="YAML config file (the run's config)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. cache.dir=runs/cache cache.k=12")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_cache_teacher)
+
+    p = sub.add_parser("generate", parents=[common], help="the teacher answers the data's prompts (sequence-level KD)",
+                       description="Generate teacher answers to the prompts of data.source into generate.output "
+                                   "(jsonl or parquet rows: prompt, completion, teacher, generation settings), "
+                                   "readable by data.source directly. Continues a stopped run.")
+    p.add_argument("config", help="YAML config file")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. generate.output=runs/gen.jsonl")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("evaluate", parents=[common], help="perplexity, teacher-student KL and agreement of a model or run",
                        description="Evaluate a run directory (uses its validation data and teacher) or a model "

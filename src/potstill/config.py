@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from .errors import ConfigError
 
-SECTIONS = ("teacher", "student", "data", "loss", "train", "eval", "output")
+SECTIONS = ("teacher", "student", "data", "loss", "train", "eval", "output", "cache", "generate")
 ENV_PREFIX = "POTSTILL_"
 
 
@@ -52,6 +52,8 @@ class TeacherConfig(_Section):
         "none", description="load the teacher with int8 / int4 weights (output head kept): less memory")
     quantization_backend: Literal["auto", "torchao", "bitsandbytes"] = Field(
         "auto", description="auto: torchao (CPU and CUDA); bitsandbytes: CUDA only, needs the package")
+    cache: str | None = Field(
+        None, description="train from a teacher cache written by potstill cache-teacher: no teacher is loaded")
 
 
 class FromTeacherConfig(_Section):
@@ -134,6 +136,9 @@ class LogitLossConfig(_Section):
     t2_scaling: bool = Field(False, description="multiply the term by temperature**2 (Hinton et al.)")
     beta: float = Field(0.5, ge=0.0, le=1.0, description="jsd only: 0 = forward KL, 1 = reverse KL")
     alpha: float = Field(0.1, ge=0.0, le=1.0, description="skew_fkl / skew_rkl only: skew mixing weight")
+    missing_mass: Literal["rest", "renormalize"] = Field(
+        "rest", description="teacher.cache top-k: mass outside the k ids as one extra 'rest' outcome, or renormalize "
+                            "the teacher's top-k (fkl only)")
 
 
 class CrossEntropyLossConfig(_Section):
@@ -249,6 +254,35 @@ class OutputConfig(_Section):
     tensorboard: bool = Field(True, description="write TensorBoard logs to <dir>/tensorboard")
 
 
+class CacheConfig(_Section):
+    """What ``potstill cache-teacher`` captures (the run's teacher, data and loss temperature)."""
+
+    dir: str = Field("runs/teacher-cache", description="cache-teacher: folder for the shards and manifest.json")
+    kind: Literal["topk", "sampled"] = Field(
+        "topk", description="topk: the k most likely ids and log-probs; sampled: k ids drawn from the teacher")
+    k: int = Field(12, ge=1, description="ids stored per token (top-k size or number of samples)")
+    value_bits: Literal[8, 16] = Field(8, description="topk: bits per quantized log-probability")
+    examples_per_shard: int = Field(256, ge=1, description="tokenized examples per shard file")
+    batch_size: int | None = Field(None, ge=1, description="teacher batch size; default: train.batch_size")
+    seed: int = Field(0, description="sampled: seed of the draws (per shard)")
+    overwrite: bool = Field(False, description="replace a cache of other settings in cache.dir")
+
+
+class GenerateConfig(_Section):
+    """What ``potstill generate`` writes: the teacher's answers to the data's prompts."""
+
+    output: str | None = Field(None, description="generate: .jsonl or .parquet file for the teacher's answers")
+    num_generations: int = Field(1, ge=1, description="answers per prompt")
+    temperature: float = Field(1.0, ge=0.0, description="sampling temperature; 0: greedy")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus sampling mass")
+    top_k: int | None = Field(None, ge=1, description="sample among the k most likely tokens")
+    max_new_tokens: int = Field(256, ge=1, description="tokens per answer at most")
+    max_prompt_length: int = Field(1024, ge=1, description="longer prompts are skipped (and counted)")
+    batch_size: int = Field(8, ge=1, description="prompts per generate call")
+    seed: int = Field(0, description="sampling seed (per batch)")
+    chat_template: bool = Field(True, description="render prompts with the chat template when there is one")
+
+
 class DistillConfig(_Section):
     """The whole run. Build it in Python or with :func:`load_config`."""
 
@@ -259,15 +293,26 @@ class DistillConfig(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
+    cache: CacheConfig = Field(default_factory=CacheConfig)
+    generate: GenerateConfig = Field(default_factory=GenerateConfig)
+    stages: list[dict[str, Any]] | None = Field(
+        None, description="run these in order, each a dict of (dotted) keys over this config, in "
+                          "<output.dir>/stage-N, each student starting from the previous stage's")
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "DistillConfig":
         if self.data.source is None:
             raise ValueError("data.source is required: a hub dataset name, a local file or folder, or a list")
-        needs_teacher = self.loss.logits.weight > 0 or self.loss.uses_features or self.student.from_teacher is not None
+        if self.teacher.cache is not None and self.loss.uses_features:
+            raise ValueError("teacher.cache holds the teacher's logits only; loss.hidden / loss.attention need its "
+                             "activations: drop teacher.cache, or set loss.hidden.weight=0 and loss.attention.weight=0")
+        needs_teacher = (self.loss.logits.weight > 0 and self.teacher.cache is None) or self.loss.uses_features
         if needs_teacher and self.teacher.name_or_path is None:
             raise ValueError("teacher.name_or_path is required for logit or feature distillation "
                              "(or set loss.logits.weight=0 and loss.ce.weight>0 to train on labels alone)")
+        if self.student.from_teacher is not None and self.teacher.name_or_path is None:
+            raise ValueError("student.from_teacher needs teacher.name_or_path (a teacher cache holds no weights): "
+                             "give student.name_or_path or student.config")
         return self
 
 

@@ -72,6 +72,10 @@ def distill(config: DistillConfig | dict | str | Path, *, overrides=(), progress
     from accelerate.utils import set_seed
 
     cfg = as_config(config, overrides)
+    if cfg.stages:  # several runs in a row (e.g. sequence-level KD on generated data, then the original data)
+        from .stages import run_stages
+
+        return run_stages(cfg, progress=progress)
     precision = resolve_precision(cfg.train.precision)
     # cpu=True where there is no GPU: only then does Accelerate see a torchrun/mpirun world on CPUs.
     accelerator = Accelerator(mixed_precision=accelerate_mixed_precision(precision), cpu=not torch.cuda.is_available())
@@ -136,7 +140,7 @@ def _train(cfg: DistillConfig, accelerator, run_dir: Path, precision: str, resum
 
     # -- models ---------------------------------------------------------------------------
     teacher, teacher_tok = None, None
-    if cfg.teacher.name_or_path is not None:
+    if cfg.teacher.name_or_path is not None and cfg.teacher.cache is None:  # a cache replaces the teacher
         t_dtype = {"auto": compute_dtype(precision) or torch.float32, "float32": torch.float32,
                    "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.teacher.dtype]
         teacher, teacher_tok = load_teacher(cfg.teacher, dtype=t_dtype)
@@ -164,6 +168,11 @@ def _train(cfg: DistillConfig, accelerator, run_dir: Path, precision: str, resum
     # -- data -----------------------------------------------------------------------------
     with accelerator.main_process_first():
         train_ds, val_ds = build_datasets(cfg.data, tokenizer, seed=cfg.train.seed, progress=progress and is_main)
+    cached = None
+    if cfg.teacher.cache is not None:
+        from .teacher import CachedTeacher
+
+        cached = CachedTeacher(cfg.teacher.cache, tokenizer=tokenizer, train_ds=train_ds, loss_cfg=cfg.loss)
     tc = cfg.train
     batcher = StepBatcher(len(train_ds), batch_size=tc.batch_size, grad_accum=tc.grad_accum,
                           world_size=accelerator.num_processes, rank=accelerator.process_index, seed=tc.seed)
@@ -183,7 +192,8 @@ def _train(cfg: DistillConfig, accelerator, run_dir: Path, precision: str, resum
                               scheduler_specific_kwargs=extra)
     student, optimizer = accelerator.prepare(student, optimizer)
     raw_student = accelerator.unwrap_model(student)
-    student_head, teacher_head = choose_loss_path(cfg.loss.path, raw_student, teacher if objective.needs_teacher else None)
+    path = "plain" if cached is not None and not cached.chunked_ok(cfg.loss) else cfg.loss.path
+    student_head, teacher_head = choose_loss_path(path, raw_student, teacher if objective.needs_teacher else None)
 
     # -- resume ---------------------------------------------------------------------------
     start_step = 0
@@ -247,7 +257,8 @@ def _train(cfg: DistillConfig, accelerator, run_dir: Path, precision: str, resum
     train_metrics: dict[str, float] = {}
     student.train()
     for step in range(start_step, max_steps):
-        batches = [collate([train_ds[i] for i in idx], tokenizer.pad_token_id) for idx in batcher.micro_batches(step)]
+        micro = batcher.micro_batches(step)
+        batches = [collate([train_ds[i] for i in idx], tokenizer.pad_token_id) for idx in micro]
         local_valid = sum(count_valid(b["labels"]) for b in batches)
         n_valid_step = reduce_sum({"n": torch.as_tensor(local_valid)}, accelerator)["n"]
         sums = {"loss": torch.zeros(()), "tokens": torch.zeros(())}
@@ -258,22 +269,27 @@ def _train(cfg: DistillConfig, accelerator, run_dir: Path, precision: str, resum
                 ids, attn = batch["input_ids"], batch["attention_mask"]
                 teacher_out = student_out = None
                 if student_head is not None:  # chunked: hidden states in, never B x T x V logits
-                    if objective.needs_teacher or features is not None:
+                    if features is not None or (objective.needs_teacher and cached is None):
                         with torch.no_grad(), autocast(), capture_teacher(features, teacher) as teacher_feats:
                             teacher_out = forward_hidden(teacher, teacher, ids, attn)
                     with capture_student(features, raw_student) as student_feats:
                         student_out = forward_hidden(student, raw_student, ids, attn)
                     with autocast():
-                        out = objective.fused(student_out, student_head, batch["labels"], teacher_out, teacher_head,
-                                              chunk_size=cfg.loss.chunk_size,
-                                              memory_budget_mb=cfg.loss.memory_budget_mb)
+                        if cached is not None:  # sparse targets from disk instead of the teacher
+                            out = cached.fused_objective(objective, student_out, student_head, batch["labels"],
+                                                         micro[m])
+                        else:
+                            out = objective.fused(student_out, student_head, batch["labels"], teacher_out, teacher_head,
+                                                  chunk_size=cfg.loss.chunk_size,
+                                                  memory_budget_mb=cfg.loss.memory_budget_mb)
                 else:
                     if teacher is not None and (objective.needs_teacher or features is not None):
                         with torch.no_grad(), autocast(), capture_teacher(features, teacher) as teacher_feats:
                             teacher_out = teacher(input_ids=ids, attention_mask=attn).logits
                     with capture_student(features, raw_student) as student_feats:
                         student_out = student(input_ids=ids, attention_mask=attn).logits
-                    out = objective(student_out, batch["labels"], teacher_out)
+                    out = objective(student_out, batch["labels"], teacher_out) if cached is None else \
+                        cached.objective(objective, student_out, batch["labels"], micro[m])
                 if features is not None:  # hidden-state / attention-relation terms, float32, outside autocast
                     features.add_terms(out, student_feats, teacher_feats, batch["labels"], attn)
                 if not torch.isfinite(out.weighted_sum):

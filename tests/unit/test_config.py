@@ -126,3 +126,11 @@ def test_objects_pass_through_and_are_named_in_yaml():
     assert "<object torch.nn.modules.linear.Linear>" in text
     cfg2 = apply_overrides(cfg, ["train.lr=0.5"])
     assert cfg2.train.lr == 0.5 and cfg2.teacher.name_or_path is module
+
+
+def test_a_teacher_cache_cannot_feed_feature_terms():
+    # The cache stores logits only; hidden-state and attention terms need the teacher's activations.
+    with pytest.raises(ConfigError, match="teacher.cache holds the teacher's logits only"):
+        load_config(None, BASE + ["student.name_or_path=s", "teacher.cache=c", "loss.hidden.weight=1"], env={})
+    with pytest.raises(ConfigError, match="student.from_teacher needs teacher.name_or_path"):
+        load_config(None, ["data.source=d", "teacher.cache=c"], env={})

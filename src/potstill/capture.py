@@ -1,0 +1,197 @@
+"""``potstill cache-teacher``: run the teacher once over the tokenized train data, store its signal.
+
+    cache_teacher("run.yaml", overrides=["cache.dir=runs/cache", "cache.k=12"])
+
+The data are built exactly as ``potstill distill`` builds them (same config section, the
+teacher's tokenizer), so the cache is keyed by example index of the same tokenized train
+dataset (same fingerprint) and any batch order reads it. Shards are written one after
+another; a capture that is stopped continues from the last complete shard, and since every
+shard depends only on its own examples (and, for sampling, on a seed derived from its
+index) the files come out byte-identical to an uninterrupted capture.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import cache as fmt
+from .cache import CacheError
+from .config import DistillConfig
+from .errors import ConfigError
+
+log = logging.getLogger("potstill")
+
+
+def tokenizer_sha256(tokenizer) -> str:
+    from .data.tokenized import tokenizer_state
+
+    return hashlib.sha256(tokenizer_state(tokenizer).encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def model_name(ref: Any) -> str:
+    return str(ref) if isinstance(ref, (str, Path)) else f"<object {type(ref).__qualname__}>"
+
+
+@torch.no_grad()
+def teacher_rows(logits: torch.Tensor, labels: torch.Tensor, *, kind: str, k: int, temperature: float,
+                 generator: torch.Generator | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """The cache rows of one batch: logits (B, T, V), labels (B, T) -> (rows, per-example counts (B,)).
+
+    topk: ``ids`` (R, k) and ``logp`` (R, k) sorted descending, ``rest`` (R,) = log of the
+    mass outside them; sampled: ``ids`` (R, k) drawn with replacement, ``entropy`` (R,).
+    Rows are the valid positions, row-major (``logits[:, :-1][labels[:, 1:] != -100]``).
+    """
+    mask = labels[:, 1:] != -100
+    logp = torch.log_softmax(logits[:, :-1][mask].float() / temperature, dim=-1)   # (R, V)
+    if kind == "topk":
+        k = min(k, logp.shape[-1])
+        values, ids = logp.topk(k, dim=-1)
+        # The outside mass summed directly, not 1 - (top-k mass): no rounding noise, exactly 0 when k = V.
+        rest = logp.scatter(-1, ids, float("-inf")).logsumexp(-1)
+        rows = {"ids": ids, "logp": values, "rest": rest}
+    else:
+        probs = logp.exp()
+        ids = torch.multinomial(probs, k, replacement=True, generator=generator) if len(probs) else \
+            torch.zeros((0, k), dtype=torch.long)
+        ids, _ = ids.sort(dim=-1)
+        entropy = -(probs * torch.where(probs > 0, logp, torch.zeros_like(logp))).sum(-1)
+        rows = {"ids": ids, "entropy": entropy}
+    return rows, mask.sum(1)
+
+
+def encode_rows(rows: dict[str, np.ndarray], *, kind: str, vocab_size: int, value_bits: int) -> dict[str, np.ndarray]:
+    """Rows in the shard encoding (see :mod:`potstill.cache`)."""
+    out = {"ids": fmt.pack_ids(rows["ids"], fmt.id_bits(vocab_size))}
+    if kind == "topk":
+        out["logp"] = fmt.quantize_logp(rows["logp"], value_bits)
+        out["rest"] = fmt.quantize_logp(rows["rest"], value_bits)
+    else:
+        out["entropy"] = rows["entropy"].astype(np.float16)
+    return out
+
+
+def cache_teacher(config, *, overrides=(), progress: bool = True) -> dict[str, Any]:
+    """Capture (or finish capturing) the teacher cache described by ``config``; returns the manifest."""
+    from tqdm.auto import tqdm
+
+    from .data import build_datasets, collate
+    from .models import load_teacher, output_rows
+    from .precision import autocast_context, compute_dtype, resolve_precision
+    from .train import as_config
+
+    cfg: DistillConfig = as_config(config, overrides)
+    cc = cfg.cache
+    if cfg.teacher.name_or_path is None:
+        raise ConfigError("cache-teacher needs teacher.name_or_path: the model whose logits to capture")
+    precision = resolve_precision(cfg.train.precision)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    t_dtype = {"auto": compute_dtype(precision) or torch.float32, "float32": torch.float32,
+               "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.teacher.dtype]
+    teacher, tok = load_teacher(cfg.teacher, dtype=t_dtype)
+    teacher.to(device)
+    train_ds, _ = build_datasets(cfg.data, tok, seed=cfg.train.seed, progress=progress)
+    vocab = output_rows(teacher)
+    k = min(cc.k, vocab) if cc.kind == "topk" else cc.k
+    n = len(train_ds)
+    per_shard = cc.examples_per_shard
+    header = {
+        "format": fmt.FORMAT, "version": fmt.VERSION,
+        "teacher": {"name": model_name(cfg.teacher.name_or_path), "revision": cfg.teacher.revision,
+                    "vocab_size": vocab, "dtype": str(t_dtype).removeprefix("torch."), "precision": precision},
+        "tokenizer_sha256": tokenizer_sha256(tok),
+        "dataset": {"fingerprint": train_ds.fingerprint, "n_examples": n, "source": train_ds.manifest.get("source")},
+        "kind": cc.kind, "k": k, "temperature": cfg.loss.logits.temperature,
+        "encoding": {"id_bits": fmt.id_bits(vocab), "ids": "packed big-endian, rows padded to bytes",
+                     **({"value_bits": cc.value_bits, "logp_min": fmt.LOGP_MIN[cc.value_bits],
+                         "values": "uint linear in log-prob on [logp_min, 0]"} if cc.kind == "topk" else
+                        {"entropy": "float16"})},
+        "examples_per_shard": per_shard, "seed": cc.seed if cc.kind == "sampled" else None,
+        "n_shards": -(-n // per_shard),
+    }
+    folder = Path(cc.dir)
+    manifest = _open_for_writing(folder, header, overwrite=cc.overwrite)
+    start = len(manifest["shards"])
+    for entry in manifest["shards"]:  # a listed shard must still be there before we build on it
+        path = folder / entry["file"]
+        if not path.is_file() or path.stat().st_size != entry["bytes"]:
+            raise CacheError(f"teacher cache {folder}: shard {entry['file']} is missing or truncated: delete the "
+                             "folder (or set cache.overwrite=true) and capture again")
+    if start:
+        log.info("teacher cache %s: continuing after %d of %d complete shards", folder, start, header["n_shards"])
+    autocast = autocast_context(precision, device)
+    batch_size = cc.batch_size or cfg.train.batch_size
+    lengths = np.diff(np.asarray(train_ds.offsets))
+    todo_tokens = int(np.maximum(lengths[start * per_shard:] - 1, 0).sum())
+    bar = tqdm(total=todo_tokens, desc="cache-teacher", unit="tok", unit_scale=True, disable=not progress,
+               dynamic_ncols=True)
+    t0 = time.perf_counter()
+    teacher.eval()
+    for s in range(start, header["n_shards"]):
+        lo, hi = s * per_shard, min((s + 1) * per_shard, n)
+        t_shard = time.perf_counter()
+        gen = None
+        if cc.kind == "sampled":
+            gen = torch.Generator(device=device).manual_seed(cc.seed * 1_000_003 + s)
+        parts: list[dict[str, np.ndarray]] = []
+        counts: list[np.ndarray] = []
+        for a in range(lo, hi, batch_size):
+            batch = collate([train_ds[i] for i in range(a, min(a + batch_size, hi))], tok.pad_token_id)
+            batch = {key: v.to(device) for key, v in batch.items()}
+            with torch.no_grad(), autocast():
+                logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            rows, per_example = teacher_rows(logits, batch["labels"], kind=cc.kind, k=k,
+                                             temperature=header["temperature"], generator=gen)
+            parts.append({key: v.cpu().numpy() for key, v in rows.items()})
+            counts.append(per_example.cpu().numpy())
+            bar.update(int(batch["attention_mask"][:, 1:].sum()))
+        rows_np = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
+        arrays = encode_rows(rows_np, kind=cc.kind, vocab_size=vocab, value_bits=cc.value_bits)
+        arrays["offsets"] = np.concatenate([[0], np.cumsum(np.concatenate(counts))]).astype(np.int64)
+        entry = fmt.write_shard(folder, s, arrays)
+        entry.update(examples=[lo, hi], rows=int(arrays["offsets"][-1]),
+                     seconds=round(time.perf_counter() - t_shard, 3))
+        manifest["shards"].append(entry)
+        fmt.write_manifest(folder, manifest)
+    bar.close()
+    rows_total = sum(e["rows"] for e in manifest["shards"])
+    bytes_total = sum(e["bytes"] for e in manifest["shards"])
+    seconds = sum(e.get("seconds", 0.0) for e in manifest["shards"])
+    manifest.update(complete=True, n_rows=rows_total, bytes=bytes_total, capture_seconds=round(seconds, 1),
+                    capture_tokens_per_s=rows_total / max(seconds, 1e-9),
+                    bytes_per_token=bytes_total / max(rows_total, 1),
+                    payload_bytes_per_token=fmt.bytes_per_row(cc.kind, k, vocab, cc.value_bits))
+    fmt.write_manifest(folder, manifest)
+    log.info("teacher cache %s: %d shards, %d tokens, %.1f bytes per token (%.1f MB) in %.1fs", folder,
+             len(manifest["shards"]), rows_total, manifest["bytes_per_token"], bytes_total / 1e6,
+             time.perf_counter() - t0)
+    return manifest
+
+
+def _open_for_writing(folder: Path, header: dict[str, Any], *, overwrite: bool) -> dict[str, Any]:
+    """The manifest to continue (same header) or a fresh one; refuses to mix settings."""
+    if (folder / fmt.MANIFEST).is_file():
+        try:
+            old = fmt.read_manifest(folder)
+            differs = fmt.header_differences(old, header)
+        except CacheError:
+            old, differs = None, ["format"]
+        if not differs:
+            return old
+        if not overwrite:
+            raise CacheError(f"cache.dir {folder} holds a teacher cache with other settings (differs in: "
+                             f"{', '.join(differs)}): choose another cache.dir or set cache.overwrite=true")
+        shutil.rmtree(folder)
+    elif folder.is_dir() and any(folder.iterdir()) and not overwrite:
+        raise CacheError(f"cache.dir {folder} is not empty and holds no teacher cache: choose another cache.dir")
+    folder.mkdir(parents=True, exist_ok=True)
+    manifest = {**header, "shards": [], "complete": False}
+    fmt.write_manifest(folder, manifest)
+    return manifest
