@@ -98,6 +98,14 @@ def format_table(rows: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
+def add_config_arguments(p: argparse.ArgumentParser, example: str, func) -> None:
+    """The arguments of every command that runs from a run config: CONFIG [overrides] [--no-progress]."""
+    p.add_argument("config", help="YAML config file")
+    p.add_argument("overrides", nargs="*", help=f"dotted overrides, e.g. {example}")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=func)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="potstill", description="Knowledge distillation for causal language models.",
@@ -125,29 +133,20 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Distill a teacher into a student. Overrides are dotted keys: "
                                    "train.lr=3e-4 loss.logits.temperature=2.0. Environment variables "
                                    "POTSTILL_SECTION__KEY=value apply between the file and the overrides.")
-    p.add_argument("config", help="YAML config file")
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=500")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.set_defaults(func=cmd_distill)
+    add_config_arguments(p, "train.max_steps=500", cmd_distill)
 
     p = sub.add_parser("cache-teacher", parents=[common], help="capture the teacher's top-k or sampled logits to disk",
                        description="Run the teacher once over the config's tokenized train data and store, per "
                                    "valid token, its top-k log-probs (cache.kind=topk) or k sampled ids "
                                    "(cache.kind=sampled) in checksummed shards under cache.dir. Continues from "
                                    "the last complete shard. Train from it with teacher.cache=DIR.")
-    p.add_argument("config", help="YAML config file (the run's config)")
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. cache.dir=runs/cache cache.k=12")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.set_defaults(func=cmd_cache_teacher)
+    add_config_arguments(p, "cache.dir=runs/cache cache.k=12", cmd_cache_teacher)
 
     p = sub.add_parser("generate", parents=[common], help="the teacher answers the data's prompts (sequence-level KD)",
                        description="Generate teacher answers to the prompts of data.source into generate.output "
                                    "(jsonl or parquet rows: prompt, completion, teacher, generation settings), "
                                    "readable by data.source directly. Continues a stopped run.")
-    p.add_argument("config", help="YAML config file")
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. generate.output=runs/gen.jsonl")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.set_defaults(func=cmd_generate)
+    add_config_arguments(p, "generate.output=runs/gen.jsonl", cmd_generate)
 
     p = sub.add_parser("evaluate", parents=[common], help="perplexity, teacher-student KL and agreement of a model or run",
                        description="Evaluate a run directory (uses its validation data and teacher) or a model "

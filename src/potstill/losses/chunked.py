@@ -493,12 +493,7 @@ def chunked_distill_loss(
     ``V = shared_vocab or min(Vs, Vt)``. ``kd_weight`` already includes any T^2 factor.
     ``chunk_size`` rows per chunk, else chosen from ``memory_budget_mb``.
     """
-    _check_name(divergence)
-    _check_temperature(temperature)
-    _check_unit("beta", beta)
-    _check_unit("alpha", alpha)
-    if kd_weight < 0 or ce_weight < 0:
-        raise ValueError(f"kd_weight and ce_weight must be >= 0, got {kd_weight!r}, {ce_weight!r}")
+    check_loss_options(divergence, temperature, beta, alpha, kd_weight, ce_weight)
     use_kd, use_ce = kd_weight > 0, ce_weight > 0
     _check_inputs(student_hidden, student_head, targets, teacher_hidden, teacher_head,
                   student_bias, teacher_bias, use_kd)
@@ -525,10 +520,26 @@ def chunked_distill_loss(
             teacher_head.detach() if use_kd else None,
             None if (teacher_bias is None or not use_kd) else teacher_bias.detach(),
             targets, spec)
+    return loss_output(total, kd_sum if use_kd else None, ce_sum if use_ce else None, targets)
+
+
+def check_loss_options(divergence: str, temperature: float, beta: float, alpha: float,
+                       kd_weight: float, ce_weight: float) -> None:
+    """The option checks shared by the chunked and the fused-logits paths."""
+    _check_name(divergence)
+    _check_temperature(temperature)
+    _check_unit("beta", beta)
+    _check_unit("alpha", alpha)
+    if kd_weight < 0 or ce_weight < 0:
+        raise ValueError(f"kd_weight and ce_weight must be >= 0, got {kd_weight!r}, {ce_weight!r}")
+
+
+def loss_output(total: torch.Tensor, kd_sum: Optional[torch.Tensor], ce_sum: Optional[torch.Tensor],
+                targets: torch.Tensor) -> ChunkedLossOutput:
+    """Package the sums; a term that is off (None) is left out of ``term_sums``."""
     terms: Dict[str, torch.Tensor] = {}
-    if use_kd:
+    if kd_sum is not None:
         terms["kd"] = kd_sum
-    if use_ce:
+    if ce_sum is not None:
         terms["ce"] = ce_sum
-    n_valid = (targets != IGNORE_INDEX).sum()
-    return ChunkedLossOutput(weighted_sum=total, n_valid=n_valid, term_sums=terms)
+    return ChunkedLossOutput(weighted_sum=total, n_valid=(targets != IGNORE_INDEX).sum(), term_sums=terms)

@@ -23,12 +23,13 @@ from potstill.losses.chunked import (
     IGNORE_INDEX,
     ChunkedLossOutput,
     _chunk_logit_grads,
+    check_loss_options,
+    loss_output,
     _Spec,
     _view,
     _workers,
     choose_chunk_size,
 )
-from potstill.losses.logits import _check_name, _check_temperature, _check_unit
 
 
 class _FusedLogits(torch.autograd.Function):
@@ -112,12 +113,7 @@ def fused_logit_loss(
     + ce_weight * cross_entropy(s, targets)[0]`` with ``V = shared_vocab or min(Vs, Vt)``,
     its gradient computed during the forward (call backward once).
     """
-    _check_name(divergence)
-    _check_temperature(temperature)
-    _check_unit("beta", beta)
-    _check_unit("alpha", alpha)
-    if kd_weight < 0 or ce_weight < 0:
-        raise ValueError(f"kd_weight and ce_weight must be >= 0, got {kd_weight!r}, {ce_weight!r}")
+    check_loss_options(divergence, temperature, beta, alpha, kd_weight, ce_weight)
     use_kd = kd_weight > 0
     if student_logits.dim() != 2 or targets.shape != student_logits.shape[:1]:
         raise ValueError(f"student_logits must be (N, V) and targets (N,), got {tuple(student_logits.shape)} "
@@ -133,9 +129,4 @@ def fused_logit_loss(
                  v, None, None, chunk_size, float(memory_budget_mb), None)
     total, kd_sum, ce_sum = _FusedLogits.apply(
         student_logits, teacher_logits.detach() if use_kd else None, targets, spec)
-    terms = {}
-    if use_kd:
-        terms["kd"] = kd_sum
-    if ce_weight > 0:
-        terms["ce"] = ce_sum
-    return ChunkedLossOutput(weighted_sum=total, n_valid=(targets != IGNORE_INDEX).sum(), term_sums=terms)
+    return loss_output(total, kd_sum if use_kd else None, ce_sum if ce_weight > 0 else None, targets)
