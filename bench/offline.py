@@ -154,6 +154,8 @@ def main() -> int:
     if args.timing_steps:
         # Training speed again, every run for the same few steps back to back (online KD first and
         # last), so that load from other jobs on the machine hits all of them alike.
+        for name in runs:  # a new timing pass replaces an earlier one's figures
+            results[name]["tokens_per_s_timing"] = []
         for name in runs + (["online"] if "online" in runs else []):
             spec = cache_spec(name)
             run = out / f"timing-{args.timing_steps}" / name
