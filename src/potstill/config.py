@@ -198,7 +198,8 @@ class LossConfig(_Section):
     path: Literal["auto", "chunked", "plain"] = Field(
         "auto", description="chunked: logits a chunk of tokens at a time, never B x T x V (auto: where the models allow)")
     chunk_size: int | None = Field(None, ge=1, description="tokens per chunk on the chunked path; default: from memory_budget_mb")
-    memory_budget_mb: float = Field(256.0, gt=0, description="memory for one chunk's logits on the chunked path")
+    memory_budget_mb: float = Field(512.0,  # = losses.chunked.DEFAULT_MEMORY_BUDGET_MB
+                                      gt=0, description="memory for one chunk's logits on the chunked path")
 
     @model_validator(mode="after")
     def _something_to_learn(self) -> "LossConfig":

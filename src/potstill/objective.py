@@ -18,6 +18,7 @@ import torch
 
 from .config import LossConfig
 from .losses import chunked_distill_loss, logit_divergence
+from .losses.chunked import DEFAULT_MEMORY_BUDGET_MB
 from .losses.fused_logits import fused_logit_loss
 
 IGNORE_INDEX = -100
@@ -99,7 +100,7 @@ class Objective:
 
     def fused(self, student_hidden: torch.Tensor, student_head, labels: torch.Tensor,
               teacher_hidden: torch.Tensor | None = None, teacher_head=None, *,
-              chunk_size: int | None = None, memory_budget_mb: float = 256.0) -> ObjectiveOutput:
+              chunk_size: int | None = None, memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB) -> ObjectiveOutput:
         """The same objective from final hidden states and heads, never holding B x T x V logits.
 
         student_hidden (B, T, Hs), teacher_hidden (B, T, Ht), labels (B, T); heads are

@@ -335,7 +335,10 @@ def test_choose_chunk_size():
     assert choose_chunk_size(5, 10, 10, chunk_size=70) == 5
     assert choose_chunk_size(0, 10, 10) == 1
     # 128256 + 128256 bf16 columns, 256 MB: ~498 rows, evened out over 2048 rows -> 5 x 410
-    assert choose_chunk_size(2048, 128256, 128256, element_size=2) == 410
+    assert choose_chunk_size(2048, 128256, 128256, element_size=2, memory_budget_mb=256) == 410
+    # float32, the default 512 MB: ~498 rows again -> 5 x 410; bf16 at 512 MB hits the row cap
+    assert choose_chunk_size(2048, 128256, 128256, element_size=4) == 410
+    assert choose_chunk_size(2048, 128256, 128256, element_size=2) == chunked_mod.MAX_CHUNK_ROWS
     assert choose_chunk_size(10**6, 1000, 1000) == chunked_mod.MAX_CHUNK_ROWS
     small = choose_chunk_size(4096, 32000, 32000, memory_budget_mb=16)
     assert small < choose_chunk_size(4096, 32000, 32000, memory_budget_mb=64)

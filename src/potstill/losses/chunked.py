@@ -59,6 +59,11 @@ BLOCK_ELEMENTS = {"closed_form": 2**18, "autograd": 2**19}  # float32 elements p
 # that cost is amortized (measured, V=32000 bf16: 500, 1000 and 2000 rows a chunk within 2%),
 # so more rows would only spend memory.
 MAX_CHUNK_ROWS = 512
+# The default budget for one chunk's logits. Each chunk also streams the (Vs, Hs) float32
+# head-gradient accumulator once: at V=128256 in float32, 256 MB gives 9 chunks of ~237 rows
+# and that streaming made the loss 8% slower than Liger-Kernel's 2 chunks of 1024; 512 MB
+# gives 5 and is level or faster (bench/loss.py), still at 0.4x Liger's memory.
+DEFAULT_MEMORY_BUDGET_MB = 512.0
 HEAD_BLOCK_ELEMENTS = 2**21  # low-precision head-gradient products, formed this many at a time
 ADD_BLOCK_ELEMENTS = 2**18   # ... and added to the float32 accumulator this many at a time
 
@@ -77,7 +82,7 @@ class ChunkedLossOutput:
 
 
 def choose_chunk_size(n_rows: int, student_columns: int, teacher_columns: int, *,
-                      element_size: int = 4, memory_budget_mb: float = 256.0,
+                      element_size: int = 4, memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB,
                       chunk_size: Optional[int] = None) -> int:
     """Rows per chunk: ``chunk_size`` if given, else ``memory_budget_mb`` over the bytes of one
     row, ``(student_columns + teacher_columns) * element_size * ROW_FACTOR``, clamped to
@@ -478,7 +483,7 @@ def chunked_distill_loss(
     student_softcap: Optional[float] = None,
     teacher_softcap: Optional[float] = None,
     chunk_size: Optional[int] = None,
-    memory_budget_mb: float = 256.0,
+    memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB,
 ) -> ChunkedLossOutput:
     """Distillation loss from hidden states and output heads, walked in chunks of tokens.
 

@@ -20,6 +20,7 @@ import torch
 
 from potstill.losses.chunked import (
     BLOCK_ELEMENTS,
+    DEFAULT_MEMORY_BUDGET_MB,
     IGNORE_INDEX,
     ChunkedLossOutput,
     _chunk_logit_grads,
@@ -104,7 +105,7 @@ def fused_logit_loss(
     ce_weight: float = 0.0,
     shared_vocab: Optional[int] = None,
     chunk_size: Optional[int] = None,
-    memory_budget_mb: float = 256.0,
+    memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB,
 ) -> ChunkedLossOutput:
     """Distillation loss from full logits: ``student_logits`` (N, Vs), ``teacher_logits``
     (N, Vt) (needed when ``kd_weight > 0``), ``targets`` (N,) int64 (-100 = ignored).
