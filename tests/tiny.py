@@ -7,7 +7,10 @@ so that the real loading code (``AutoModelForCausalLM.from_pretrained`` on a fol
 from __future__ import annotations
 
 import json
+import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 CHATML_TEMPLATE = (
@@ -93,3 +96,19 @@ def chat_rows(n: int, seed: int = 0) -> list[dict]:
                 {"role": "user", "content": "More."}, {"role": "assistant", "content": sents[3 * i + 2]}]
         rows.append({"messages": msgs})
     return rows
+
+
+def run_cli(*args, check: bool = True) -> subprocess.CompletedProcess:
+    """``python -m potstill ARGS`` as a real subprocess; on failure (with ``check``) the output is shown."""
+    proc = subprocess.run([sys.executable, "-m", "potstill", *map(str, args)], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def run_torchrun_distill(config_path, nproc: int = 2) -> subprocess.CompletedProcess:
+    """``torchrun --nproc_per_node N -m potstill distill CONFIG`` on CPU (gloo), one thread per process."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run(["torchrun", "--nproc_per_node", str(nproc), "-m", "potstill", "distill", str(config_path),
+                           "--no-progress"], env=env, capture_output=True, text=True, timeout=300)

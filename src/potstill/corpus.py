@@ -165,7 +165,6 @@ def _collect(packages: Sequence[str] | None, max_files: int | None, progress: bo
     from tqdm.auto import tqdm
 
     sources = _sources(packages)
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
     jobs = []
     for name, _, base, roots in sources:
         files = [f for root in roots for f in _python_files(root, stdlib=name == "stdlib")]

@@ -26,8 +26,6 @@ Compressing Transformer Language Models" (arXiv 2310.08797):
 
 from __future__ import annotations
 
-import math
-
 MAPPINGS = ("last", "last_k", "all", "uniform", "uniform_consecutive", "uniform_last", "pairs")
 
 Pairs = list[tuple[int, int]]

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 import potstill
 import potstill.checkpoint
+import tiny
 from potstill.metrics import read_metrics
 from potstill.projectors import Projectors
 
@@ -181,15 +182,11 @@ def test_resume_with_projectors_equals_uninterrupted(tmp_path, teacher_dir, text
 @pytest.mark.skipif(__import__("shutil").which("torchrun") is None, reason="torchrun not on PATH")
 def test_two_processes_average_projector_gradients(tmp_path, teacher_dir, text_jsonl):
     """Projectors live outside the DDP-wrapped student: their gradients are averaged by hand."""
-    import os
-
     cfg = _cfg(tmp_path / "two", teacher_dir, text_jsonl, batch_size=2, grad_accum=1, max_steps=3)
     cfg["loss"]["hidden"]["projector"] = "linear"
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    two = subprocess.run(["torchrun", "--nproc_per_node", "2", "-m", "potstill", "distill", str(path), "--no-progress"],
-                         env=env, capture_output=True, text=True, timeout=300)
+    two = tiny.run_torchrun_distill(path)
     assert two.returncode == 0, two.stderr[-3000:]
     one = _cli(cfg, path, "train.grad_accum=2", f"output.dir={tmp_path / 'one'}")
     assert one.returncode == 0, one.stderr[-3000:]

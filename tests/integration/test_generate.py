@@ -3,23 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
-import pytest
 import yaml
 
 import tiny
 
 
-def _cli(*args, check=True):
-    proc = subprocess.run([sys.executable, "-m", "potstill", *args], capture_output=True, text=True,
-                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
-    if check and proc.returncode != 0:
-        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr[-3000:]}")
-    return proc
+_cli = tiny.run_cli
 
 
 def _gen_config(tmp_path, teacher_dir, student_dir, chat_jsonl, **generate) -> Path:

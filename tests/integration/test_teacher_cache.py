@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -39,12 +38,7 @@ def _config(tmp_path, teacher_dir, student_dir, data, **sections) -> dict:
     return cfg
 
 
-def _cli(*args, check=True):
-    proc = subprocess.run([sys.executable, "-m", "potstill", *args], capture_output=True, text=True,
-                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
-    if check and proc.returncode != 0:
-        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr[-3000:]}")
-    return proc
+_cli = tiny.run_cli
 
 
 def _files(folder: Path) -> dict:
