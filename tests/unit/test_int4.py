@@ -17,6 +17,10 @@ from potstill.models import load_teacher
 from potstill.quantize import INT4_GROUP, keep_fn, model_bytes
 
 
+# On a CUDA machine load_teacher takes torchao's int4 path instead of Int4Linear.
+cpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="int4 teachers on CPU use Int4Linear (torchao on CUDA)")
+
+
 @pytest.fixture(autouse=True)
 def _fresh_accelerator():
     """The run below uses bf16: Accelerate keeps its state per process."""
@@ -99,6 +103,7 @@ def test_quantize_int4_keeps_head_and_non_multiple_layers():
         assert model(input_ids=torch.tensor([[1, 2, 3]])).logits.shape == (1, 3, 300)
 
 
+@cpu_only
 def test_int4_teacher_bytes_and_logits(int4_teacher_dir):
     ref, _ = load_teacher(TeacherConfig(name_or_path=str(int4_teacher_dir)), dtype=torch.bfloat16)
     q, _ = load_teacher(TeacherConfig(name_or_path=str(int4_teacher_dir), quantization="int4"), dtype=torch.bfloat16)
@@ -117,6 +122,7 @@ def test_int4_teacher_bytes_and_logits(int4_teacher_dir):
     assert torch.allclose(a, b, atol=0.2 * a.abs().max().item())
 
 
+@cpu_only
 def test_int4_teacher_keeps_fp32_when_asked(int4_teacher_dir):
     q, _ = load_teacher(TeacherConfig(name_or_path=str(int4_teacher_dir), quantization="int4"), dtype=torch.float32)
     assert q.lm_head.weight.dtype == torch.float32  # no forced bf16 on CPU (torchao's CUDA kernels need it)
@@ -124,6 +130,7 @@ def test_int4_teacher_keeps_fp32_when_asked(int4_teacher_dir):
         assert q(input_ids=torch.tensor([[5, 6, 7]])).logits.dtype == torch.float32
 
 
+@cpu_only
 def test_student_from_int4_teacher_gets_dequantized_weights(int4_teacher_dir):
     from potstill.models import student_from_teacher
 
