@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -106,6 +107,7 @@ def test_quantize_int4_keeps_head_and_non_multiple_layers():
 @cpu_only
 def test_int4_teacher_bytes_and_logits(int4_teacher_dir):
     ref, _ = load_teacher(TeacherConfig(name_or_path=str(int4_teacher_dir)), dtype=torch.bfloat16)
+    ref = ref.to(torch.bfloat16)  # the rotary buffers too, as the quantized loader casts them
     q, _ = load_teacher(TeacherConfig(name_or_path=str(int4_teacher_dir), quantization="int4"), dtype=torch.bfloat16)
     kept = {n for n, m in ref.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"}
     assert kept and {n for n, m in q.named_modules() if isinstance(m, Int4Linear)} == kept
@@ -115,11 +117,17 @@ def test_int4_teacher_bytes_and_logits(int4_teacher_dir):
     assert 0.25 * linear_bf16 < int4_bytes < 0.35 * linear_bf16
     assert model_bytes(ref) - model_bytes(q) == linear_bf16 - int4_bytes  # model_bytes sees the buffers
     assert all(not p.requires_grad for p in q.parameters())
+    # The int4 model computes exactly what the bf16 model computes with the dequantized weights ...
+    deq = copy.deepcopy(ref)
+    with torch.no_grad():
+        for n in kept:
+            deq.get_submodule(n).weight.copy_(q.get_submodule(n).dequantize(torch.bfloat16))
     ids = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        a, b = ref(input_ids=ids).logits.float(), q(input_ids=ids).logits.float()
-    assert b.dtype == torch.float32 and not torch.equal(a, b)
-    assert torch.allclose(a, b, atol=0.2 * a.abs().max().item())
+        a, b, c = (m(input_ids=ids).logits.float() for m in (ref, q, deq))
+    assert torch.allclose(b, c, rtol=0, atol=1e-3 * c.abs().max().item())
+    # ... which are near the originals (random-init weights: ~19% relative logit error here, 14 quantized layers).
+    assert not torch.equal(a, b) and (a - b).norm() / a.norm() < 0.3
 
 
 @cpu_only
