@@ -7,12 +7,14 @@ On the quickstart's demo teacher (16.9M Llama) and student (2.95M, same random i
   embeddings and head full precision), same steps, data, learning rate and seed;
 * test-split perplexity of both (and of the packed export, which must equal the ternary student),
   KL(teacher || student), stored sizes: linear weights packed vs bf16, and whole files;
-* the teacher loaded in bf16, int8 and int4 (torchao, weight-only, head kept): bytes of
-  parameters and buffers, RSS growth of a fresh process that loads it, test perplexity, and
-  KL(bf16 teacher || quantized teacher) per token on the test split.
+* the teacher loaded in bf16, int8 and int4 (weight-only, head kept; int8 with torchao, int4 with
+  torchao on CUDA and potstill's pure-PyTorch Int4Linear on CPU): bytes of parameters and buffers,
+  RSS growth of a fresh process that loads it, test perplexity, and KL(bf16 teacher || quantized
+  teacher) per token on the test split.
 
     python bench/bitnet.py                 # 240 steps (the quickstart's), writes bench/results/bitnet.json
     python bench/bitnet.py --steps 10      # smoke test
+    python bench/bitnet.py --teachers-only --modes int4   # only those teacher rows, merged into the JSON
 """
 
 from __future__ import annotations
@@ -77,26 +79,95 @@ def file_size(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
 
 
+def quantized_teachers(modes: list[str], precision: str, device: torch.device) -> dict:
+    """One row per teacher mode: bytes and RSS (fresh process), test ppl, KL and agreement vs the bf16 teacher."""
+    from potstill.config import DataConfig, TeacherConfig
+    from potstill.data import build_datasets
+    from potstill.evaluate import evaluate_models
+    from potstill.models import load_teacher
+    from potstill.precision import autocast_context
+    from potstill.quickstart import MAX_LENGTH, demo_teacher_path
+
+    teacher = demo_teacher_path()
+    ref, tok = load_teacher(TeacherConfig(name_or_path=str(teacher)), dtype=torch.bfloat16)
+    test, _ = build_datasets(DataConfig(source="python-docs", split="test", validation_fraction=0.0,
+                                        max_length=MAX_LENGTH), tok, progress=False)
+    teachers = {}
+    for mode in modes:
+        mem = teacher_memory(mode)
+        row = dict(mem)
+        if "error" not in mem:
+            q = ref if mode == "none" else load_teacher(
+                TeacherConfig(name_or_path=str(teacher), quantization=mode), dtype=torch.bfloat16)[0]
+            scores = evaluate_models(q.to(device), test, pad_token_id=tok.pad_token_id, batch_size=16, device=device,
+                                     teacher=None if mode == "none" else ref.to(device),
+                                     autocast=autocast_context(precision, device))
+            row.update({"ppl": scores["ppl"], "kl_vs_bf16": scores.get("kl", 0.0),
+                        "agreement_vs_bf16": scores.get("agreement", 1.0)})
+        teachers[mode] = row
+    return teachers
+
+
+def print_teachers(teachers: dict) -> None:
+    print(f"\n{'teacher':<10}{'params+buffers':>16}{'RSS growth':>12}{'test ppl':>10}{'KL(bf16||q)':>13}{'agree':>8}")
+    for mode, r in teachers.items():
+        label = "bf16" if mode == "none" else mode
+        if "error" in r:
+            print(f"{label:<10} not available here: {r['error']}")
+            continue
+        print(f"{label:<10}{r['param_bytes'] / 1e6:>13.2f} MB{r['rss_delta_mb']:>9.1f} MB{r['ppl']:>10.3f}"
+              f"{r['kl_vs_bf16']:>13.5f}{r['agreement_vs_bf16']:>8.4f}")
+
+
+def teachers_only(args, modes: list[str]) -> None:
+    """--teachers-only: the teacher rows of ``modes``, replacing only those rows of the existing JSON."""
+    import logging
+
+    from potstill.precision import resolve_precision
+
+    logging.basicConfig(level=logging.INFO, format="potstill: %(message)s")
+    precision = resolve_precision("auto")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    teachers = quantized_teachers(modes, precision, device)
+    print_teachers(teachers)
+    out = Path(args.out) if args.out else HERE / "results" / "bitnet.json"
+    data = json.loads(out.read_text()) if out.is_file() else {}
+    data.setdefault("teachers", {}).update(teachers)
+    runs = data.setdefault("teacher_runs", [])
+    runs.append({"command": " ".join([Path(sys.executable).name] + sys.argv), "modes": modes,
+                 "torch": torch.__version__, "threads": torch.get_num_threads(), "precision": precision,
+                 "device": str(device)})
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, out)
+    print(f"\nwrote {out} (teacher rows {', '.join(modes)})")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=240, help="optimizer steps of each run (quickstart: 240)")
     p.add_argument("--work", default="runs/bench-bitnet", help="run folders")
     p.add_argument("--out", default=None, help="JSON path (default bench/results/bitnet.json)")
+    p.add_argument("--teachers-only", action="store_true",
+                   help="skip the student runs: measure only the quantized teachers and replace their rows in "
+                        "the existing JSON (the other rows and sections are kept)")
+    p.add_argument("--modes", default="none,int8,int4", help="teacher rows to measure (comma-separated)")
     p.add_argument("--teacher-memory", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.teacher_memory:
         print("RESULT " + json.dumps(teacher_memory_child(args.teacher_memory)), flush=True)
+        return
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if args.teachers_only:
+        teachers_only(args, modes)
         return
 
     import logging
 
     logging.basicConfig(level=logging.INFO, format="potstill: %(message)s")
     from potstill.bitnet import export_packed
-    from potstill.config import DataConfig, TeacherConfig
-    from potstill.data import build_datasets
-    from potstill.evaluate import evaluate_models
-    from potstill.models import load_teacher
-    from potstill.precision import autocast_context, resolve_precision
+    from potstill.precision import resolve_precision
     from potstill.quickstart import MAX_LENGTH, demo_teacher_path, make_student_init, run_config, test_scores
     from potstill.train import distill
 
@@ -140,22 +211,7 @@ def main() -> None:
     # -- quantized teachers ---------------------------------------------------------------
     precision = resolve_precision("auto")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    ref, tok = load_teacher(TeacherConfig(name_or_path=str(teacher)), dtype=torch.bfloat16)
-    test, _ = build_datasets(DataConfig(source="python-docs", split="test", validation_fraction=0.0,
-                                        max_length=MAX_LENGTH), tok, progress=False)
-    teachers = {}
-    for mode in ("none", "int8", "int4"):
-        mem = teacher_memory(mode)
-        row = dict(mem)
-        if "error" not in mem:
-            q = ref if mode == "none" else load_teacher(
-                TeacherConfig(name_or_path=str(teacher), quantization=mode), dtype=torch.bfloat16)[0]
-            scores = evaluate_models(q.to(device), test, pad_token_id=tok.pad_token_id, batch_size=16, device=device,
-                                     teacher=None if mode == "none" else ref.to(device),
-                                     autocast=autocast_context(precision, device))
-            row.update({"ppl": scores["ppl"], "kl_vs_bf16": scores.get("kl", 0.0),
-                        "agreement_vs_bf16": scores.get("agreement", 1.0)})
-        teachers[mode] = row
+    teachers = quantized_teachers(modes, precision, device)
 
     # -- report ---------------------------------------------------------------------------
     print(f"\nstudents: {args.steps} steps of 16 x {MAX_LENGTH} tokens, KD (forward KL) from the demo teacher, "
@@ -169,14 +225,7 @@ def main() -> None:
     for name, r in sizes.items():
         print(f"{name:<46}{r['linear_bytes'] / 1e3:>13.0f} kB{r['file_bytes'] / 1e6:>9.2f} MB")
     print(f"packed linear weights / bf16: 1/{1 / manifest['ratio_to_bf16']:.2f}")
-    print(f"\n{'teacher':<10}{'params+buffers':>16}{'RSS growth':>12}{'test ppl':>10}{'KL(bf16||q)':>13}{'agree':>8}")
-    for mode, r in teachers.items():
-        label = "bf16" if mode == "none" else mode
-        if "error" in r:
-            print(f"{label:<10} not available here: {r['error']}")
-            continue
-        print(f"{label:<10}{r['param_bytes'] / 1e6:>13.2f} MB{r['rss_delta_mb']:>9.1f} MB{r['ppl']:>10.3f}"
-              f"{r['kl_vs_bf16']:>13.5f}{r['agreement_vs_bf16']:>8.4f}")
+    print_teachers(teachers)
 
     out = Path(args.out) if args.out else HERE / "results" / "bitnet.json"
     meta = {"command": " ".join([Path(sys.executable).name] + sys.argv), "steps": args.steps,

@@ -198,7 +198,9 @@ def student_from_teacher(teacher: nn.Module, layers: list[int]) -> nn.Module:
         config.layer_types = [config.layer_types[i] for i in layers]
     student = type(teacher)(config)
     prefix, _ = decoder_layers(teacher)
-    teacher_state = teacher.state_dict()
+    from .int4 import dequantized_state_dict
+
+    teacher_state = dequantized_state_dict(teacher)  # an int4 (CPU) teacher's layers give float weights
     new_state = {}
     for key in student.state_dict():
         if key.startswith(prefix + "."):

@@ -3,9 +3,12 @@
 ``teacher.quantization: int8 | int4`` with ``teacher.quantization_backend``:
 
 * ``torchao`` (``auto``): weight-only quantization after loading, with ``torchao.quantization.quantize_``:
-  int8 is ``Int8WeightOnlyConfig`` (per-row scales; CPU and CUDA); int4 is ``Int4WeightOnlyConfig``
-  (groups of 128, tinygemm tile-packed layout, bf16; CUDA only: torchao 0.18 has no int4 weight-only
-  kernel for x86 CPUs without the ``mslk`` package, and that is said in one line, not a traceback).
+  int8 is ``Int8WeightOnlyConfig`` (per-row scales; CPU and CUDA); int4 on CUDA is
+  ``Int4WeightOnlyConfig`` (groups of 128, tinygemm tile-packed layout, bf16).
+* int4 on CPU (``auto`` or ``torchao``): torchao 0.18 has no int4 weight-only kernel for x86 CPUs
+  without the ``mslk`` package, so the teacher's linear layers become :class:`potstill.int4.Int4Linear`
+  (pure PyTorch: packed 4-bit codes, float32 scale and zero point per group of 128, dequantized
+  one layer at a time in the forward), in the dtype the teacher runs in.
 * ``bitsandbytes``: ``load_in_8bit`` / ``load_in_4bit`` (nf4) at load time; CUDA only.
 
 The output head is kept in its dtype, as bitsandbytes does by default: it stays a plain
@@ -65,13 +68,16 @@ def load_quantized_teacher(cfg, *, dtype: torch.dtype | None) -> nn.Module:
     device = target_device()
     if backend == "bitsandbytes":
         return _load_bitsandbytes(cfg, mode, dtype, device)
-    if mode == "int4" and dtype != torch.bfloat16:
+    cpu_int4 = mode == "int4" and device.type == "cpu"
+    if mode == "int4" and not cpu_int4 and dtype != torch.bfloat16:
         dtype = torch.bfloat16  # torchao's int4 weight-only kernels take bf16 only
         log.info("teacher.quantization=int4: the teacher runs in bfloat16")
     model = load_causal_lm(cfg.name_or_path, revision=cfg.revision, dtype=dtype,
                            trust_remote_code=cfg.trust_remote_code, role="teacher")
     if dtype is not None:
         model = model.to(dtype)
+    if cpu_int4:
+        return quantize_int4_cpu(model).to(device)
     # Layer by layer onto the device (torchao moves each module before quantizing it): the
     # device never holds the whole full-precision teacher.
     return quantize_torchao(model, mode, device=device).to(device)
@@ -85,9 +91,43 @@ def _torchao_config(mode: str, device: torch.device):
     if mode == "int8":
         return Int8WeightOnlyConfig()
     if device.type != "cuda":
-        raise ModelError("teacher.quantization=int4 is not supported on this CPU: torchao 0.18's int4 weight-only "
-                         "kernels need CUDA (or the mslk package); use teacher.quantization=int8 here, or run on a GPU")
+        raise ModelError(f"teacher.quantization=int4 with torchao needs CUDA, not {device.type} (torchao 0.18's int4 "
+                         "weight-only kernels); on CPU the teacher loader uses potstill's own int4 layers")
     return Int4WeightOnlyConfig(group_size=INT4_GROUP, int4_packing_format="tile_packed_to_4d")
+
+
+def keep_fn(model: nn.Module, mode: str):
+    """``keep(module, qualified_name) -> bool``: the linear layers to quantize (never the output head)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+
+    def keep(module: nn.Module, _fqn: str) -> bool:
+        if not isinstance(module, nn.Linear) or module is head:
+            return False
+        # int4 groups: layers whose input width is not a multiple of the group stay as they are.
+        return mode != "int4" or module.in_features % INT4_GROUP == 0
+
+    return keep
+
+
+def count_kept(model: nn.Module, mode: str, keep) -> int:
+    """How many layers ``keep`` selects; a ModelError when none."""
+    n = sum(1 for name, m in model.named_modules() if keep(m, name))
+    if n == 0:
+        raise ModelError(f"teacher.quantization={mode}: no linear layer of {type(model).__name__} can be quantized"
+                         + (f" (int4 needs input widths that are multiples of {INT4_GROUP})" if mode == "int4" else ""))
+    return n
+
+
+def quantize_int4_cpu(model: nn.Module) -> nn.Module:
+    """int4 on CPU: potstill's pure-PyTorch :class:`~potstill.int4.Int4Linear` layers, in place; returns the model."""
+    from .int4 import quantize_int4_
+
+    keep = keep_fn(model, "int4")
+    count_kept(model, "int4", keep)
+    n = quantize_int4_(model, keep, INT4_GROUP)
+    log.info("teacher: %d linear layers quantized to int4 (potstill's pure-PyTorch Int4Linear: torchao's int4 "
+             "kernels need CUDA; groups of %d, dequantized per layer in the forward)", n, INT4_GROUP)
+    return model
 
 
 def quantize_torchao(model: nn.Module, mode: str, device: torch.device | None = None) -> nn.Module:
@@ -97,18 +137,8 @@ def quantize_torchao(model: nn.Module, mode: str, device: torch.device | None = 
     config = _torchao_config(mode, device)
     from torchao.quantization import quantize_
 
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-
-    def keep(module: nn.Module, _fqn: str) -> bool:
-        if not isinstance(module, nn.Linear) or module is head:
-            return False
-        # int4 groups: layers whose input width is not a multiple of the group stay as they are.
-        return mode != "int4" or module.in_features % INT4_GROUP == 0
-
-    n = sum(1 for name, m in model.named_modules() if keep(m, name))
-    if n == 0:
-        raise ModelError(f"teacher.quantization={mode}: no linear layer of {type(model).__name__} can be quantized"
-                         + (f" (int4 needs input widths that are multiples of {INT4_GROUP})" if mode == "int4" else ""))
+    keep = keep_fn(model, mode)
+    n = count_kept(model, mode, keep)
     try:
         quantize_(model, config, filter_fn=keep, device=device if device.type != "cpu" else None)
     except (ImportError, NotImplementedError, AssertionError, RuntimeError) as err:
