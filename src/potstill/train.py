@@ -192,7 +192,11 @@ def _train(cfg: DistillConfig, accelerator, run_dir: Path, precision: str, resum
                               scheduler_specific_kwargs=extra)
     student, optimizer = accelerator.prepare(student, optimizer)
     raw_student = accelerator.unwrap_model(student)
-    path = "plain" if cached is not None and not cached.chunked_ok(cfg.loss) else cfg.loss.path
+    path = cfg.loss.path
+    if cached is not None and not cached.chunked_ok(cfg.loss):
+        log.info("teacher cache with loss.logits.divergence=%s: the sparse loss has no chunked form, so the "
+                 "plain path is used", cfg.loss.logits.divergence)
+        path = "plain"
     student_head, teacher_head = choose_loss_path(path, raw_student, teacher if objective.needs_teacher else None)
 
     # -- resume ---------------------------------------------------------------------------

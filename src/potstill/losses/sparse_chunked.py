@@ -23,7 +23,7 @@ from typing import Dict, Optional
 
 import torch
 
-from .chunked import ChunkedLossOutput, _map_rows, _workers
+from .chunked import ChunkedLossOutput, _map_rows, _workers, loss_output
 
 BLOCK_ELEMENTS = 2**18   # float32 elements of one row block's (r, V) tensors: stays in cache
 CHUNK_ROWS = 512
@@ -182,10 +182,5 @@ def sparse_chunked_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: Option
     teacher = _teacher_side({k: v.to(hidden.device) for k, v in teacher_rows.items()}, spec) if kd_weight > 0 else {}
     with torch.autocast(device_type, enabled=False):
         total, kd, ce = _SparseChunked.apply(hidden, weight, bias, targets.long(), teacher, spec)
-    terms = {}
-    if kd_weight > 0:
-        terms["kd"] = kd.detach()
-    if ce_weight > 0:
-        terms["ce"] = ce.detach()
-    return ChunkedLossOutput(weighted_sum=total, n_valid=torch.tensor(hidden.shape[0], dtype=torch.int64),
-                             term_sums=terms)
+    # Every row given is a valid one, so loss_output's count of targets != -100 is N.
+    return loss_output(total, kd if kd_weight > 0 else None, ce if ce_weight > 0 else None, targets)
