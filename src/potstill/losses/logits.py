@@ -39,7 +39,10 @@ Conventions (p_t = teacher probs, p_s = student probs, both after temperature):
 * ``skew_fkl`` (DistiLLM, arXiv 2402.03898): KL(p_t || alpha*p_t + (1-alpha)*p_s).
   ``skew_rkl``: KL(p_s || alpha*p_s + (1-alpha)*p_t). DistiLLM's code computes
   skew-FKL as a cross-entropy (it omits the constant teacher entropy); here it is
-  the true KL, so it is 0 at p_s == p_t. Gradients are identical.
+  the true KL, so it is 0 at p_s == p_t. Gradients are identical. At ``alpha=1``
+  skew-FKL is KL(p_t || p_t) == 0 for any student: the loss is an exact 0 still tied to
+  the student's graph, so backward gives an all-zero gradient (skew-RKL at ``alpha=1`` is
+  KL(p_s || p_s), also 0 with zero gradient).
 * ``tvd``: 0.5 * sum |p_t - p_s|, in [0, 1].
 * ``mse``: mean over the vocab of (z_s - z_t)^2 with z = logits / temperature.
 """
@@ -105,6 +108,15 @@ def _log_mix(loga: torch.Tensor, logb: torch.Tensor, w: float) -> torch.Tensor:
     return torch.logaddexp(loga.clamp_min(floor) + math.log(w), logb.clamp_min(floor) + math.log1p(-w))
 
 
+def _zero_anchor(z: torch.Tensor) -> torch.Tensor:
+    """Zeros of shape ``z.shape[:-1]`` in the graph of ``z`` (..., V), gradient exactly zero.
+
+    Sums an empty slice of the vocab dimension, so no element of ``z`` is read: the value
+    is 0 and the gradient 0 whatever ``z`` holds (a ``0 * z`` would give NaN for inf).
+    """
+    return z[..., :0].sum(-1)
+
+
 def per_token_divergence(
     name: str,
     student_logits: torch.Tensor,
@@ -138,6 +150,12 @@ def per_token_divergence(
     if name == "tvd":
         return 0.5 * (lt.exp() - ls.exp()).abs().sum(-1)
     if name == "skew_fkl":
+        if alpha == 1.0:
+            # The mixture is p_t itself: KL(p_t || p_t) == 0 and nothing depends on the
+            # student, so the result would have no grad_fn and backward would fail. Tie the
+            # zero to the student's graph through an empty slice: its value is exactly 0 and
+            # its gradient exactly zero, even for inf/NaN student logits.
+            return _kl(lt, lt) + _zero_anchor(zs)
         return _kl(lt, _log_mix(lt, ls, alpha))
     if name == "skew_rkl":
         return _kl(ls, _log_mix(ls, lt, alpha))
