@@ -41,9 +41,9 @@ def rss_mb() -> float:
 def teacher_memory_child(mode: str) -> dict:
     """Load the demo teacher (bf16, quantized with ``mode`` unless 'none') in this fresh process."""
     from potstill.config import TeacherConfig
-    from potstill.models import load_teacher
-    from potstill.quantize import model_bytes
-    from potstill.quickstart import demo_teacher_path
+    from potstill.models.teacher_model import load_teacher
+    from potstill.models.quantize import model_bytes
+    from potstill.commands.quickstart import demo_teacher_path
 
     import transformers  # noqa: F401  (imports before the baseline, not counted)
     import torchao  # noqa: F401
@@ -83,10 +83,10 @@ def quantized_teachers(modes: list[str], precision: str, device: torch.device) -
     """One row per teacher mode: bytes and RSS (fresh process), test ppl, KL and agreement vs the bf16 teacher."""
     from potstill.config import DataConfig, TeacherConfig
     from potstill.data import build_datasets
-    from potstill.evaluate import evaluate_models
-    from potstill.models import load_teacher
-    from potstill.precision import autocast_context
-    from potstill.quickstart import MAX_LENGTH, demo_teacher_path
+    from potstill.training.evaluation import evaluate_models
+    from potstill.models.teacher_model import load_teacher
+    from potstill.models.precision import autocast_context
+    from potstill.commands.quickstart import MAX_LENGTH, demo_teacher_path
 
     teacher = demo_teacher_path()
     ref, tok = load_teacher(TeacherConfig(name_or_path=str(teacher)), dtype=torch.bfloat16)
@@ -123,7 +123,7 @@ def teachers_only(args, modes: list[str]) -> None:
     """--teachers-only: the teacher rows of ``modes``, replacing only those rows of the existing JSON."""
     import logging
 
-    from potstill.precision import resolve_precision
+    from potstill.models.precision import resolve_precision
 
     logging.basicConfig(level=logging.INFO, format="potstill: %(message)s")
     precision = resolve_precision("auto")
@@ -166,10 +166,10 @@ def main() -> None:
     import logging
 
     logging.basicConfig(level=logging.INFO, format="potstill: %(message)s")
-    from potstill.bitnet import export_packed
-    from potstill.precision import resolve_precision
-    from potstill.quickstart import MAX_LENGTH, demo_teacher_path, make_student_init, run_config, test_scores
-    from potstill.train import distill
+    from potstill.commands.export import export_packed
+    from potstill.models.precision import resolve_precision
+    from potstill.commands.quickstart import MAX_LENGTH, demo_teacher_path, make_student_init, run_config, test_scores
+    from potstill.commands.distill import distill
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)

@@ -33,10 +33,10 @@ sys.path.insert(0, str(HERE.parent / "src"))
 import torch  # noqa: E402
 
 from potstill.config import apply_overrides  # noqa: E402
-from potstill.metrics import read_metrics  # noqa: E402
-from potstill.quickstart import DEFAULT_STEPS, demo_teacher_path, make_student_init, run_config, test_scores  # noqa: E402
-from potstill.report import results_table  # noqa: E402
-from potstill.train import distill  # noqa: E402
+from potstill.training.metrics import read_metrics  # noqa: E402
+from potstill.commands.quickstart import DEFAULT_STEPS, demo_teacher_path, make_student_init, run_config, test_scores  # noqa: E402
+from potstill.commands.report import results_table  # noqa: E402
+from potstill.commands.distill import distill  # noqa: E402
 
 
 def variants(hidden_weight: float, attention_weight: float) -> dict[str, list[str]]:

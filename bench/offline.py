@@ -60,8 +60,8 @@ def label(name: str) -> str:
 
 
 def base_config(out: Path, run: Path, steps: int, init: Path, subset: Path, *, ce_only: bool = False) -> dict:
-    from potstill.corpus import python_docs_split_path
-    from potstill.quickstart import run_config
+    from potstill.data.corpus import python_docs_split_path
+    from potstill.commands.quickstart import run_config
 
     cfg = run_config(run, steps, init, ce_only=ce_only).model_dump()
     cfg["data"].update(source=str(subset), validation_split=None,
@@ -73,7 +73,7 @@ def base_config(out: Path, run: Path, steps: int, init: Path, subset: Path, *, c
 
 def thin_train_split(out: Path, blocks: int) -> tuple[Path, int]:
     """Every m-th row of the python-docs train split, m chosen for about ``blocks`` blocks of 256."""
-    from potstill.corpus import python_docs_split_path
+    from potstill.data.corpus import python_docs_split_path
 
     lines = python_docs_split_path("train").read_text(encoding="utf-8").splitlines()
     stride = max(1, int(TRAIN_BLOCKS / (blocks * 1.1)))
@@ -106,10 +106,10 @@ def main() -> int:
     if bad:
         parser.error(f"unknown runs {bad}")
 
-    from potstill.capture import cache_teacher
+    from potstill.teachers.capture import cache_teacher
     from potstill.config import validate_config
-    from potstill.quickstart import demo_teacher_path, make_student_init, test_scores
-    from potstill.train import distill
+    from potstill.commands.quickstart import demo_teacher_path, make_student_init, test_scores
+    from potstill.commands.distill import distill
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -63,7 +63,7 @@ def build_models(root: Path, vocab: int, seq: int, quick: bool) -> dict:
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     sys.path.insert(0, str(ROOT / "src"))
-    from potstill.quickstart import demo_teacher_path
+    from potstill.commands.quickstart import demo_teacher_path
 
     tok = AutoTokenizer.from_pretrained(demo_teacher_path())
     sizes = {}
@@ -91,7 +91,7 @@ def build_blocks(root: Path, seq: int, batch: int, steps: int) -> Path:
     from transformers import AutoTokenizer
 
     sys.path.insert(0, str(ROOT / "src"))
-    from potstill.batching import StepBatcher
+    from potstill.data.batching import StepBatcher
     from potstill.config import DataConfig
     from potstill.data import build_datasets, load_rows
 
@@ -145,7 +145,7 @@ def _peak_bytes(device: str) -> int:
     if device == "cuda":
         return torch.cuda.max_memory_allocated()
     sys.path.insert(0, str(ROOT / "src"))
-    from potstill.metrics import peak_memory_mb
+    from potstill.training.metrics import peak_memory_mb
 
     return int(peak_memory_mb(torch.device("cpu")) * 2**20)  # VmHWM (ru_maxrss starts at the parent's peak)
 
@@ -288,7 +288,7 @@ def run_child(args) -> dict:
     import accelerate  # noqa: F401
     import datasets  # noqa: F401
     import potstill  # noqa: F401
-    import potstill.train  # noqa: F401
+    import potstill.commands.distill  # noqa: F401
     import transformers.models.llama.modeling_llama  # noqa: F401
     from transformers import AutoModelForCausalLM, Trainer  # noqa: F401
     try:

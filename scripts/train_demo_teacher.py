@@ -323,7 +323,7 @@ model of the same quality, not the same bytes.
 
 ## Corpus and licenses
 
-`python-docs` is built at run time by `potstill.corpus`: the docstrings (module, class,
+`python-docs` is built at run time by `potstill.data.corpus`: the docstrings (module, class,
 function) of the Python standard library and of transformers, torch, numpy, datasets,
 accelerate, huggingface_hub, tokenizers, safetensors, tqdm, PyYAML and pydantic, read with
 `ast` from the installed sources, plus the `pydoc_data.topics` reference pages;
@@ -343,7 +343,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    from potstill.corpus import build_python_docs
+    from potstill.data.corpus import build_python_docs
 
     corpus = build_python_docs(args.cache)
     manifest = json.loads((corpus / "manifest.json").read_text())

@@ -1,6 +1,6 @@
 """``python -m potstill`` (and ``accelerate launch -m potstill distill ...``)."""
 
-from .cli import main
+from .commands.cli import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -151,7 +151,7 @@ LAYER_MAPPINGS = Literal["last", "last_k", "all", "uniform", "uniform_consecutiv
 
 
 class _LayerMapping(_Section):
-    """Which teacher layer teaches which student layer (see potstill.layer_map); layers count from 1."""
+    """Which teacher layer teaches which student layer (see potstill.features.layer_map); layers count from 1."""
 
     k: int | None = Field(None, ge=1, description="mapping last_k: how many final layers")
     pairs: list[tuple[int, int]] | None = Field(
@@ -362,6 +362,14 @@ def apply_overrides(cfg: DistillConfig, overrides: Sequence[str]) -> DistillConf
         _set_dotted(raw, keys, value)
         origins[keys] = f"override '{item}'"
     return validate_config(raw, origins)
+
+
+def as_config(config: "DistillConfig | Mapping[str, Any] | str | os.PathLike", overrides: Sequence[str] = ()) -> DistillConfig:
+    """A validated config from a DistillConfig, a dict or a YAML path, with dotted overrides applied."""
+    if isinstance(config, (str, os.PathLike)):
+        return load_config(config, overrides)
+    cfg = config if isinstance(config, DistillConfig) else validate_config(config)
+    return apply_overrides(cfg, overrides) if overrides else cfg
 
 
 def read_yaml(path: str | os.PathLike) -> dict[str, Any]:

@@ -9,12 +9,13 @@ import torch
 from safetensors.torch import load_file
 
 import potstill
-import potstill.checkpoint
-from potstill.bitnet import BitLinear
+import potstill.training.checkpoint
+from potstill.models.bitnet import BitLinear
 from potstill.config import TeacherConfig
 from potstill.errors import ConfigError, ModelError
-from potstill.models import load_causal_lm, load_teacher
-from potstill.quantize import model_bytes
+from potstill.models.loading import load_causal_lm
+from potstill.models.teacher_model import load_teacher
+from potstill.models.quantize import model_bytes
 
 from test_cli import assert_one_line_error, base_config, run_cli, write_config
 
@@ -120,7 +121,7 @@ def test_bitnet_resume_equals_uninterrupted(tmp_path, teacher_dir, text_jsonl):
                               "tokenizer": AutoTokenizer.from_pretrained(teacher_dir)}
     with pytest.raises(KeyboardInterrupt):
         potstill.distill(interrupted, progress=False)
-    assert potstill.checkpoint.latest_checkpoint(tmp_path / "b" / "run").name == "step-000002"
+    assert potstill.training.checkpoint.latest_checkpoint(tmp_path / "b" / "run").name == "step-000002"
     resumed = potstill.distill(cfg(tmp_path / "b"), overrides=["train.resume=auto"], progress=False)
     a = load_file(str(straight.student_dir / "model.safetensors"))
     b = load_file(str(resumed.student_dir / "model.safetensors"))
@@ -153,7 +154,7 @@ def test_int8_teacher_is_smaller_and_close(teacher_dir):
     ref, _ = load_teacher(TeacherConfig(name_or_path=str(teacher_dir)), dtype=torch.bfloat16)
     q, _ = load_teacher(TeacherConfig(name_or_path=str(teacher_dir), quantization="int8"), dtype=torch.bfloat16)
     assert type(q.lm_head.weight) in (torch.Tensor, torch.nn.Parameter)  # head kept ...
-    from potstill.hidden import supports_chunked
+    from potstill.models.hidden import supports_chunked
 
     assert supports_chunked(q)[0] is not None  # ... so the chunked loss path still applies
     assert type(q.model.layers[0].mlp.up_proj.weight).__name__ == "Int8Tensor"

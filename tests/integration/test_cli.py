@@ -128,7 +128,7 @@ def test_text_data_padding_and_student_from_teacher(tmp_path, teacher_dir, text_
 
 
 def test_locked_output_dir(tmp_path, teacher_dir, chat_jsonl):
-    from potstill.checkpoint import RunLock
+    from potstill.training.checkpoint import RunLock
 
     cfg_path = write_config(tmp_path / "run.yaml", **base_config(tmp_path, teacher_dir, chat_jsonl))
     with RunLock(tmp_path / "run"):

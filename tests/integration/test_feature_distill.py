@@ -13,10 +13,10 @@ import yaml
 from safetensors.torch import load_file
 
 import potstill
-import potstill.checkpoint
+import potstill.training.checkpoint
 import tiny
-from potstill.metrics import read_metrics
-from potstill.projectors import Projectors
+from potstill.training.metrics import read_metrics
+from potstill.features.projectors import Projectors
 
 FEATURES = {"hidden": {"weight": 0.5, "mapping": "uniform_last", "loss": "mse", "layer_norm": True},
             "attention": {"weight": 0.3, "mapping": "last", "relation_heads": 2}}
@@ -165,7 +165,7 @@ def test_resume_with_projectors_equals_uninterrupted(tmp_path, teacher_dir, text
                       "tokenizer": AutoTokenizer.from_pretrained(teacher_dir)}
     with pytest.raises(KeyboardInterrupt):
         potstill.distill(cfg, progress=False)
-    ckpt = potstill.checkpoint.latest_checkpoint(tmp_path / "halves")
+    ckpt = potstill.training.checkpoint.latest_checkpoint(tmp_path / "halves")
     assert ckpt.name == "step-000003" and (ckpt / "projectors.pt").is_file()
     assert not (ckpt / "student" / "projectors.pt").exists()
     resumed = _cfg(tmp_path / "halves", teacher_dir, text_jsonl, **kw)

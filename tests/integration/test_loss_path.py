@@ -7,8 +7,8 @@ import torch
 
 import potstill
 from potstill.errors import ConfigError
-from potstill.hidden import forward_hidden, supports_chunked
-from potstill.metrics import read_metrics
+from potstill.models.hidden import forward_hidden, supports_chunked
+from potstill.training.metrics import read_metrics
 
 
 def _cfg(out, teacher_dir, data, path, divergence="jsd"):

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from potstill.quickstart import DEMO_TEACHER
+from potstill.commands.quickstart import DEMO_TEACHER
 
 pytestmark = pytest.mark.skipif(not (DEMO_TEACHER / "config.json").is_file(), reason="demo teacher not built")
 

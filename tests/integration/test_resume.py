@@ -17,9 +17,9 @@ import yaml
 from safetensors.torch import load_file
 
 import potstill
-import potstill.checkpoint
+import potstill.training.checkpoint
 from potstill.errors import DivergedError
-from potstill.metrics import read_metrics
+from potstill.training.metrics import read_metrics
 
 
 def _config(out: Path, teacher_dir: Path, data: Path, **train) -> dict:
@@ -86,7 +86,7 @@ def test_resume_is_bit_exact(tmp_path, teacher_dir, text_jsonl, path):
                               "tokenizer": AutoTokenizer.from_pretrained(teacher_dir)}
     with pytest.raises(KeyboardInterrupt):
         potstill.distill(interrupted, progress=False, overrides=[f"loss.path={path}"])
-    assert potstill.checkpoint.latest_checkpoint(tmp_path / "halves").name == "step-000004"
+    assert potstill.training.checkpoint.latest_checkpoint(tmp_path / "halves").name == "step-000004"
     # Continue in the same run directory from the step-4 checkpoint.
     resumed = potstill.distill(_config(tmp_path / "halves", teacher_dir, text_jsonl),
                                overrides=["train.resume=auto", f"loss.path={path}"], progress=False)

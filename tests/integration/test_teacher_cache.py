@@ -14,11 +14,11 @@ import pytest
 import torch
 import yaml
 
-import potstill.cache as fmt
-from potstill.cache import CacheError, CacheReader
-from potstill.capture import cache_teacher
+import potstill.teachers.cache_format as fmt
+from potstill.teachers.cache_format import CacheError, CacheReader
+from potstill.teachers.capture import cache_teacher
 from potstill.errors import ConfigError
-from potstill.train import distill
+from potstill.commands.distill import distill
 
 import tiny
 

@@ -1,6 +1,6 @@
 """Data order is a pure function of the step: deterministic, disjoint across processes."""
 
-from potstill.batching import StepBatcher
+from potstill.data.batching import StepBatcher
 
 
 def test_each_epoch_is_a_permutation_and_order_is_seeded():

@@ -10,10 +10,10 @@ import torch
 from torch import nn
 
 import tiny
-from potstill.bitnet import (BitEmbedding, BitLinear, convert_to_bitnet, export_packed, load_packed, pack_ternary,
-                             quantize_activations, quantize_weight, ternarize, unpack_ternary)
+from potstill.models.bitnet import BitEmbedding, BitLinear, convert_to_bitnet, load_packed, pack_ternary, quantize_activations, quantize_weight, ternarize, unpack_ternary
+from potstill.commands.export import export_packed
 from potstill.errors import ModelError
-from potstill.models import load_causal_lm
+from potstill.models.loading import load_causal_lm
 
 
 def _load(path) -> nn.Module:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from potstill import cache as fmt
-from potstill.cache import CacheError
+from potstill.teachers import cache_format as fmt
+from potstill.teachers.cache_format import CacheError
 
 
 @pytest.mark.parametrize("vocab", [2, 3, 383, 384, 8192, 50257, 151936])

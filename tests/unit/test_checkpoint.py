@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from potstill import atomic
-from potstill import checkpoint as ckpt
+from potstill.training import checkpoint as ckpt
 from potstill.errors import RunDirError
 
 

@@ -387,7 +387,7 @@ def _tiny(kind, vocab=64):
 
 @pytest.mark.parametrize("kind", ["llama", "gemma2", "phi", "gpt2"])
 def test_head_params_reproduce_hf_logits(kind):
-    from potstill.heads import head_matches, head_params
+    from potstill.models.heads import head_matches, head_params
 
     model = _tiny(kind)
     params = head_params(model)
@@ -399,7 +399,7 @@ def test_head_params_reproduce_hf_logits(kind):
 
 
 def test_head_params_refuse_scaled_logits():
-    from potstill.heads import head_matches, head_params
+    from potstill.models.heads import head_matches, head_params
 
     model = _tiny("cohere")  # logits * logit_scale: not reproducible from the head alone
     assert head_params(model) is None
@@ -410,8 +410,8 @@ def test_chunked_on_hf_models_equals_plain_objective():
     """Integration sketch: hidden states from the decoder, shift, flatten -> chunked loss ==
     the plain Objective on the models' logits, in loss and in student parameter gradients."""
     from potstill.config import LossConfig
-    from potstill.heads import head_params
-    from potstill.objective import Objective
+    from potstill.models.heads import head_params
+    from potstill.training.objective import Objective
 
     student, teacher = _tiny("llama"), _tiny("gemma2")
     ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(2))

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from potstill import corpus
+from potstill.data import corpus
 
 SMALL = ["json", "tqdm"]  # a stdlib package and a dependency: a few dozen files, well under a second
 

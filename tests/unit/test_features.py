@@ -7,10 +7,10 @@ import torch
 
 from potstill.config import LossConfig, validate_config
 from potstill.errors import ConfigError, ModelError
-from potstill.feature_kd import FeatureDistiller, feature_mask
-from potstill.features import capture, projection_widths, qkv_projections
-from potstill.models import decoder_layers
-from potstill.projectors import Projectors
+from potstill.features.distiller import FeatureDistiller, feature_mask
+from potstill.features.hooks import capture, projection_widths, qkv_projections
+from potstill.models.layers import decoder_layers
+from potstill.features.projectors import Projectors
 
 V = 64
 

@@ -12,10 +12,10 @@ from torch import nn
 import potstill
 import tiny
 from potstill.config import TeacherConfig
-from potstill.hidden import supports_chunked
-from potstill.int4 import Int4Linear, pack_int4, quantize_int4_, unpack_int4
-from potstill.models import load_teacher
-from potstill.quantize import INT4_GROUP, keep_fn, model_bytes
+from potstill.models.hidden import supports_chunked
+from potstill.models.int4 import Int4Linear, pack_int4, quantize_int4_, unpack_int4
+from potstill.models.teacher_model import load_teacher
+from potstill.models.quantize import INT4_GROUP, keep_fn, model_bytes
 
 
 # On a CUDA machine load_teacher takes torchao's int4 path instead of Int4Linear.
@@ -140,7 +140,7 @@ def test_int4_teacher_keeps_fp32_when_asked(int4_teacher_dir):
 
 @cpu_only
 def test_student_from_int4_teacher_gets_dequantized_weights(int4_teacher_dir):
-    from potstill.models import student_from_teacher
+    from potstill.models.students import student_from_teacher
 
     q, _ = load_teacher(TeacherConfig(name_or_path=str(int4_teacher_dir), quantization="int4"), dtype=torch.bfloat16)
     student = student_from_teacher(q, [1])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from potstill.layer_map import MAPPINGS, map_layers
+from potstill.features.layer_map import MAPPINGS, map_layers
 
 DEPTHS = [(28, 9), (7, 3), (6, 4), (9, 9), (5, 1), (3, 5)]
 

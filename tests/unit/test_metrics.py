@@ -7,7 +7,7 @@ import sys
 
 import torch
 
-from potstill.metrics import peak_memory_mb
+from potstill.training.metrics import peak_memory_mb
 
 
 def test_peak_memory_grows_with_an_allocation():
@@ -21,7 +21,7 @@ def test_peak_memory_grows_with_an_allocation():
 def test_a_child_process_does_not_report_its_parents_peak():
     # Linux carries ru_maxrss over fork+exec; the logged peak must be the child's own.
     parent_block = torch.ones(400 * 2**20 // 4)  # 400 MiB held by this process while the child runs
-    code = "import torch; from potstill.metrics import peak_memory_mb; print(peak_memory_mb(torch.device('cpu')))"
+    code = "import torch; from potstill.training.metrics import peak_memory_mb; print(peak_memory_mb(torch.device('cpu')))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     child_peak = float(out.stdout.strip().splitlines()[-1])
     assert child_peak < peak_memory_mb(torch.device("cpu")) - 300

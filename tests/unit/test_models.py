@@ -8,8 +8,10 @@ import torch
 import tiny
 from potstill.config import StudentConfig, TeacherConfig
 from potstill.errors import ModelError
-from potstill.models import (check_vocab, load_student, load_teacher, num_layers, select_layers,
-                             student_from_teacher)
+from potstill.models.vocab import check_vocab
+from potstill.models.students import load_student, select_layers, student_from_teacher
+from potstill.models.teacher_model import load_teacher
+from potstill.models.layers import num_layers
 
 
 def test_select_layers():

@@ -8,7 +8,7 @@ import torch
 import tiny
 from potstill.config import LossConfig
 from potstill.losses import forward_kl
-from potstill.objective import Objective, count_valid, step_loss
+from potstill.training.objective import Objective, count_valid, step_loss
 
 
 @pytest.fixture(scope="module")

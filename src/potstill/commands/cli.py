@@ -12,14 +12,14 @@ import logging
 import os
 import sys
 
-from . import __version__
-from .errors import PotstillError
+from ..errors import PotstillError
+from ..version import __version__
 
 log = logging.getLogger("potstill")
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
-    from .train import distill
+    from .distill import distill
 
     result = distill(args.config, overrides=args.overrides, progress=not args.no_progress)
     if os.environ.get("RANK", "0") != "0":
@@ -31,7 +31,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
 
 def cmd_cache_teacher(args: argparse.Namespace) -> int:
-    from .capture import cache_teacher
+    from ..teachers.capture import cache_teacher
 
     m = cache_teacher(args.config, overrides=args.overrides, progress=not args.no_progress)
     print(f"teacher cache {m['kind']} k={m['k']}: {len(m['shards'])} shards, {m['n_rows']} tokens, "
@@ -62,8 +62,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .bitnet import export_packed
-    from .errors import ConfigError
+    from ..errors import ConfigError
+    from .export import export_packed
 
     if not args.bitnet:
         raise ConfigError("potstill export: give --bitnet (the packed ternary format is the one export there is)")

@@ -28,9 +28,9 @@ from typing import Any
 
 import torch
 
-from .atomic import atomic_write_text
-from .config import DistillConfig
-from .errors import ConfigError, DataError
+from ..atomic import atomic_write_text
+from ..config import DistillConfig, as_config
+from ..errors import ConfigError, DataError
 
 log = logging.getLogger("potstill")
 
@@ -79,10 +79,9 @@ def generate(config, *, overrides=(), progress: bool = True) -> dict[str, Any]:
     """Write the teacher's answers to ``generate.output``; returns the summary."""
     from tqdm.auto import tqdm
 
-    from .capture import model_name
-    from .data.sources import open_source
-    from .models import load_teacher
-    from .train import as_config
+    from ..data.sources import open_source
+    from ..models.teacher_model import load_teacher
+    from ..teachers.capture import model_name
 
     cfg: DistillConfig = as_config(config, overrides)
     gc, dc = cfg.generate, cfg.data

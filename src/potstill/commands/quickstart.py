@@ -21,13 +21,13 @@ from pathlib import Path
 
 import torch
 
-from .atomic import atomic_write_text, publish_dir
-from .config import DataConfig, DistillConfig
-from .errors import PotstillError
+from ..atomic import atomic_write_text, publish_dir
+from ..config import DataConfig, DistillConfig
+from ..errors import PotstillError
 
 log = logging.getLogger("potstill")
 
-DEMO_TEACHER = Path(__file__).resolve().parent / "assets" / "demo-teacher"
+DEMO_TEACHER = Path(__file__).resolve().parents[1] / "assets" / "demo-teacher"
 SEED = 0
 # About 6x fewer parameters than the teacher; most of them in the embeddings and head.
 STUDENT = {"hidden_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 4,
@@ -87,10 +87,10 @@ def test_scores(models: dict[str, Path], teacher: Path, *, progress: bool) -> di
     """Test-split metrics of each model folder against the teacher (same tokenized data for all)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .data import build_datasets
-    from .evaluate import evaluate_models
-    from .models import freeze, load_causal_lm
-    from .precision import autocast_context, resolve_precision
+    from ..data import build_datasets
+    from ..models.loading import freeze, load_causal_lm
+    from ..models.precision import autocast_context, resolve_precision
+    from ..training.evaluation import evaluate_models
 
     tok = AutoTokenizer.from_pretrained(teacher)
     test, _ = build_datasets(DataConfig(source="python-docs", split="test", validation_fraction=0.0,
@@ -116,7 +116,7 @@ def quickstart(out: str | Path = "runs/quickstart", steps: int = DEFAULT_STEPS, 
                progress: bool = True) -> dict[str, dict]:
     """Distill the demo teacher into a small student, evaluate, and return the results table."""
     from .report import plot_runs, results_table
-    from .train import distill
+    from .distill import distill
 
     if steps < 1:
         raise PotstillError(f"--steps must be at least 1 (got {steps})")

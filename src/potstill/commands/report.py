@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .metrics import read_metrics
+from ..training.metrics import read_metrics
 
 
 def plot_runs(runs: dict[str, Path], out_png: Path) -> Path:

@@ -16,8 +16,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from .config import DistillConfig, _set_dotted, describe_validation_error
-from .errors import ConfigError
+from ..config import DistillConfig, _set_dotted, describe_validation_error
+from ..errors import ConfigError
+from ..training.loop import RunResult, train
 
 log = logging.getLogger("potstill")
 
@@ -55,8 +56,6 @@ def _flatten(stage: dict[str, Any], prefix: tuple[str, ...] = ()) -> dict[tuple[
 
 def run_stages(cfg: DistillConfig, *, progress: bool = True):
     """Run every stage in order (skipping finished ones); returns the last stage's RunResult."""
-    from .train import RunResult, distill
-
     if not all(isinstance(s, dict) and s for s in cfg.stages):
         raise ConfigError("stages: give a list of non-empty mappings of config keys, e.g. "
                           "[{data.source: gen.jsonl}, {train.lr: 3e-5}]")
@@ -74,6 +73,6 @@ def run_stages(cfg: DistillConfig, *, progress: bool = True):
                                final_eval=summary.get("final_eval", {}), train_metrics=summary.get("train", {}))
         else:
             log.info("stage %d of %d -> %s", index, len(cfg.stages), run_dir)
-            result = distill(stage, progress=progress)
+            result = train(stage, progress=progress)
         previous = result.student_dir
     return result

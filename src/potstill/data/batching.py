@@ -1,4 +1,5 @@
-"""Which examples each process sees at each optimizer step: a pure function of the step.
+"""Which examples each process sees at each optimizer step (a pure function of the step), and
+the :class:`MicroBatch` that carries them through a step.
 
 The example stream is the concatenation of one seeded permutation per epoch. Optimizer
 step ``s`` consumes the stream slice ``[s * G, (s + 1) * G)`` with
@@ -11,9 +12,48 @@ the data order exactly.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
+
+from .tokenized import IGNORE_INDEX, collate
+
+
+@dataclass
+class MicroBatch:
+    """One micro-batch of token ids, what every stage of a step (teacher, student, objective) sees.
+
+    ``input_ids`` (B, T) and ``labels`` (B, T, -100 where no loss), ``attention_mask`` (B, T)
+    1 on real tokens; ``example_indices`` are the B rows of the tokenized train dataset they
+    came from (a teacher cache is keyed by them), ``step`` the optimizer step it belongs to.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+    example_indices: list[int]
+    step: int = 0
+
+    @classmethod
+    def collate(cls, dataset, indices: list[int], pad_token_id: int | None, *, step: int = 0) -> "MicroBatch":
+        """Right-padded rows ``indices`` of a tokenized dataset (see :func:`~.tokenized.collate`)."""
+        b = collate([dataset[i] for i in indices], pad_token_id)
+        return cls(b["input_ids"], b["attention_mask"], b["labels"], list(indices), step)
+
+    def to(self, device: torch.device) -> "MicroBatch":
+        return MicroBatch(self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device),
+                          self.example_indices, self.step)
+
+    @property
+    def n_valid(self) -> torch.Tensor:
+        """Positions that count in the loss after the shift: int64 scalar."""
+        return (self.labels[:, 1:] != IGNORE_INDEX).sum()
+
+    @property
+    def n_tokens(self) -> torch.Tensor:
+        """Real (non-padding) tokens: int64 scalar."""
+        return self.attention_mask.sum()
 
 
 class StepBatcher:

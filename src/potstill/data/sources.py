@@ -196,7 +196,7 @@ BUILTIN_SOURCES = ("python-docs",)
 
 
 def _from_builtin(name: str, cfg, split: str, what: str, limit: int | None) -> RawSource:
-    from ..corpus import python_docs_split_path
+    from .corpus import python_docs_split_path
 
     try:
         path = python_docs_split_path(split)

@@ -21,11 +21,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import LossConfig
-from .errors import ConfigError, ModelError, RunDirError
-from .features import Captured, capture, model_name, num_decoder_layers, projection_widths
+from ..config import LossConfig
+from ..errors import ConfigError, ModelError, RunDirError
+from ..losses.features import attention_relation_loss, hidden_loss
+from .hooks import Captured, capture, model_name, num_decoder_layers, projection_widths
 from .layer_map import map_layers
-from .losses.features import attention_relation_loss, hidden_loss
 from .projectors import Projectors
 
 CHECKPOINT_NAME = "projectors"   # <checkpoint>/projectors.pt (optimizer state sits in optimizer.pt)
@@ -115,7 +115,7 @@ class FeatureDistiller:
 
     def add_terms(self, out, student: Captured, teacher: Captured, labels: torch.Tensor,
                   attention_mask: torch.Tensor | None):
-        """Add the weighted terms to an :class:`~potstill.objective.ObjectiveOutput` in place."""
+        """Add the weighted terms to an :class:`~potstill.training.objective.ObjectiveOutput` in place."""
         weights = {"hidden": self.cfg.hidden.weight, "attention": self.cfg.attention.weight}
         for name, value in self.terms(student, teacher, labels, attention_mask).items():
             out.weighted_sum = out.weighted_sum + weights[name] * value
@@ -144,7 +144,7 @@ class FeatureDistiller:
             offset += n
 
     def checkpoint_modules(self) -> dict[str, nn.Module]:
-        """For :func:`potstill.checkpoint.write_main_state` (``extra_modules``)."""
+        """For :func:`potstill.training.checkpoint.write_main_state` (``extra_modules``)."""
         return {CHECKPOINT_NAME: self.projectors} if self.hidden_pairs else {}
 
     def load_checkpoint(self, ckpt: Path) -> None:

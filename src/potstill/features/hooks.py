@@ -1,7 +1,7 @@
 """Capture intermediate activations of just the mapped layers, with forward hooks.
 
 Hidden states: layer ``i`` (1-based) is the output of decoder layer ``i``, hooked on
-``decoder_layers(model)[i - 1]`` (see :mod:`potstill.layer_map`). The full stack's
+``decoder_layers(model)[i - 1]`` (see :mod:`potstill.features.layer_map`). The full stack's
 ``output_hidden_states=True`` is never asked for.
 
 Attention relations need each mapped layer's query, key and value projections (before
@@ -26,8 +26,8 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from .errors import ModelError
-from .models import decoder_layers
+from ..errors import ModelError
+from ..models.layers import decoder_layers
 
 # Attention-projection layouts we have read in transformers' modeling files.
 SEPARATE_QKV = ("q_proj", "k_proj", "v_proj")

@@ -172,7 +172,7 @@ def sparse_chunked_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: Option
     """Forward KL against sparse teacher rows (+ CE) from valid rows' hidden states.
 
     hidden (N, H), weight (V, H), bias (V,) or None, targets (N,) next-token ids,
-    teacher_rows as :meth:`potstill.teacher.CachedTeacher.targets` returns them (N rows).
+    teacher_rows as :meth:`potstill.teachers.cached.CachedTeacher.targets` returns them (N rows).
     Returns ``weighted_sum`` = kd_weight * kd + ce_weight * ce (sums over rows) and the terms.
     """
     device_type = hidden.device.type

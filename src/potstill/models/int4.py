@@ -1,7 +1,7 @@
 """A pure-PyTorch int4 weight-only linear layer: the CPU path of ``teacher.quantization: int4``.
 
 torchao 0.18's int4 weight-only kernels do not run on an x86 CPU without the ``mslk`` package
-(its tile-packed layout needs CUDA), so on CPU :func:`potstill.quantize.load_quantized_teacher`
+(its tile-packed layout needs CUDA), so on CPU :func:`potstill.models.quantize.load_quantized_teacher`
 uses this instead. It stores each kept ``nn.Linear`` weight (out, in) as
 
 * ``qweight``: uint8 (out, in / 2), two 4-bit codes per byte (low nibble = even column);

@@ -6,7 +6,7 @@
   int8 is ``Int8WeightOnlyConfig`` (per-row scales; CPU and CUDA); int4 on CUDA is
   ``Int4WeightOnlyConfig`` (groups of 128, tinygemm tile-packed layout, bf16).
 * int4 on CPU (``auto`` or ``torchao``): torchao 0.18 has no int4 weight-only kernel for x86 CPUs
-  without the ``mslk`` package, so the teacher's linear layers become :class:`potstill.int4.Int4Linear`
+  without the ``mslk`` package, so the teacher's linear layers become :class:`potstill.models.int4.Int4Linear`
   (pure PyTorch: packed 4-bit codes, float32 scale and zero point per group of 128, dequantized
   one layer at a time in the forward), in the dtype the teacher runs in.
 * ``bitsandbytes``: ``load_in_8bit`` / ``load_in_4bit`` (nf4) at load time; CUDA only.
@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import ModelError
+from ..errors import ModelError
 
 log = logging.getLogger("potstill")
 
@@ -62,7 +62,7 @@ def target_device() -> torch.device:
 
 def load_quantized_teacher(cfg, *, dtype: torch.dtype | None) -> nn.Module:
     """The teacher model of ``cfg`` (a TeacherConfig) loaded with quantized linear weights."""
-    from .models import load_causal_lm
+    from .loading import load_causal_lm
 
     mode, backend = cfg.quantization, cfg.quantization_backend
     device = target_device()
@@ -119,7 +119,7 @@ def count_kept(model: nn.Module, mode: str, keep) -> int:
 
 
 def quantize_int4_cpu(model: nn.Module) -> nn.Module:
-    """int4 on CPU: potstill's pure-PyTorch :class:`~potstill.int4.Int4Linear` layers, in place; returns the model."""
+    """int4 on CPU: potstill's pure-PyTorch :class:`~potstill.models.int4.Int4Linear` layers, in place; returns the model."""
     from .int4 import quantize_int4_
 
     keep = keep_fn(model, "int4")

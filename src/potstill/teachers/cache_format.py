@@ -43,8 +43,8 @@ from typing import Any
 
 import numpy as np
 
-from .atomic import atomic_write_text, fsync_dir
-from .errors import PotstillError
+from ..atomic import atomic_write_text, fsync_dir
+from ..errors import PotstillError
 
 FORMAT = "potstill-teacher-cache"
 VERSION = 1

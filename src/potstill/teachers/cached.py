@@ -1,37 +1,45 @@
-"""The teacher signal from a cache: sparse targets per batch, and the objective on them.
+"""The teacher signal from a cache on disk: sparse targets per micro-batch, no teacher model.
 
-``teacher.cache: PATH`` in a run loads no teacher. :class:`CachedTeacher` opens the cache,
+``teacher.cache: PATH`` in a run loads no teacher. :class:`CachedTeacher` opens the cache
+(written by ``potstill cache-teacher``, format in :mod:`potstill.teachers.cache_format`),
 checks it against the run (tokenizer, tokenized train dataset, temperature, divergence) and,
-for the example indices of a micro-batch (what :class:`~potstill.batching.StepBatcher`
-yields), returns the rows of the valid tokens in the order ``logits[:, :-1][mask]`` visits
-them. :meth:`CachedTeacher.objective` then replaces the online logit term by its sparse
-version (:mod:`potstill.losses.sparse`), keeps the CE term, and returns sums like
-:class:`~potstill.objective.Objective`: the trainer still normalizes once, per step.
+for the example indices of a micro-batch, returns the rows of its valid tokens in the order
+``logits[:, :-1][mask]`` visits them, as a sparse :class:`~potstill.teachers.signal.TeacherSignal`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .cache import CacheError, CacheReader
-from .errors import ConfigError
-from .losses import cross_entropy
-from .losses.sparse import SPARSE_DIVERGENCES, sampled_forward_kl, topk_divergence
-from .objective import IGNORE_INDEX, Objective, ObjectiveOutput, count_valid, shift
+from ..data.batching import MicroBatch
+from ..data.tokenized import tokenizer_state
+from ..errors import ConfigError
+from ..losses.sparse import SPARSE_DIVERGENCES
+from .base import Teacher
+from .cache_format import CacheError, CacheReader
+from .signal import SparseTargets, TeacherSignal
 
 log = logging.getLogger("potstill")
 
 
-class CachedTeacher:
-    """Sparse teacher targets from a cache folder, verified against the run that reads them."""
+def tokenizer_sha256(tokenizer) -> str:
+    """The hash of a tokenizer's serialized state that a cache manifest records."""
+    return hashlib.sha256(tokenizer_state(tokenizer).encode("utf-8", "surrogatepass")).hexdigest()
 
-    def __init__(self, path: str | Path, *, tokenizer, train_ds, loss_cfg):
-        from .capture import tokenizer_sha256
 
+class CachedTeacher(Teacher):
+    """Sparse teacher targets from a cache folder, verified against the run that reads them.
+
+    ``student_vocab``: the rows of the student's output head; ids at or past
+    ``min(teacher vocab, student_vocab)`` mean the cache belongs to another vocabulary.
+    """
+
+    def __init__(self, path: str | Path, *, tokenizer, train_ds, loss_cfg, student_vocab: int):
         self.reader = CacheReader(path)
         m = self.reader.manifest
         where = f"teacher.cache {self.reader.folder}"
@@ -61,7 +69,10 @@ class CachedTeacher:
                 raise ConfigError(f"loss.logits.divergence={lc.divergence} has no sparse version for a teacher "
                                   f"cache: use {', '.join(SPARSE_DIVERGENCES)}")
         self.kind = m["kind"]
-        self.vocab = int(m["teacher"]["vocab_size"])
+        self.vocab = min(int(m["teacher"]["vocab_size"]), student_vocab)  # logit columns both index
+        self.needs_logits = lc.weight > 0
+        self.divergence = lc.divergence
+        self.description = f"cache {self.reader.folder} ({m['teacher']['name']}, {self.kind}, k={m['k']})"
         log.info("teacher: cache %s (%s, k=%d, %s, %.1f bytes per token), no teacher model loaded",
                  self.reader.folder, m["teacher"]["name"], m["k"], self.kind, m.get("bytes_per_token", float("nan")))
 
@@ -75,58 +86,24 @@ class CachedTeacher:
                 raise CacheError(f"teacher.cache {self.reader.folder}: shard {self.reader.shard_file(int(i))} has "
                                  f"{len(rows['ids'])} rows for example {i}, the batch has {want} valid tokens")
             parts.append(rows)
-        return {key: torch.from_numpy(np.concatenate([p[key] for p in parts])) for key in parts[0]}
+        rows = {key: torch.from_numpy(np.concatenate([p[key] for p in parts])) for key in parts[0]}
+        if len(rows["ids"]) and int(rows["ids"].max()) >= self.vocab:
+            raise CacheError(f"teacher.cache {self.reader.folder}: token id {int(rows['ids'].max())} is outside "
+                             f"the student's {self.vocab} logits: the cache belongs to another vocabulary")
+        return rows
 
-    def chunked_ok(self, loss_cfg) -> bool:
-        """Whether the hidden-state (chunked) path has this loss: forward KL, or CE alone."""
-        return loss_cfg.logits.weight == 0 or loss_cfg.logits.divergence == "fkl"
+    def signal(self, batch: MicroBatch) -> TeacherSignal:
+        if not self.needs_logits:
+            return TeacherSignal(kind="none")
+        mask = batch.labels[:, 1:] != -100
+        rows = self.targets(batch.example_indices, mask)
+        targets = SparseTargets(kind=self.kind, ids=rows["ids"], vocab=self.vocab, logp=rows.get("logp"),
+                                rest=rows.get("rest"), entropy=rows.get("entropy"))
+        return TeacherSignal(kind="sparse", sparse=targets.to(batch.labels.device))
 
-    def fused_objective(self, objective: Objective, student_hidden: torch.Tensor, student_head,
-                        labels: torch.Tensor, example_indices: list[int]) -> ObjectiveOutput:
-        """The same as :meth:`objective` from hidden states (B, T, H) and the student's head, never
-        holding B x T x V logits (:func:`potstill.losses.sparse_chunked.sparse_chunked_loss`)."""
-        from .losses.sparse_chunked import sparse_chunked_loss
-
-        if student_head.softcap is not None:
-            raise ValueError("the cached-teacher chunked path has no logit soft-capping: use loss.path=plain")
-        cfg = objective.cfg
-        mask = labels[:, 1:] != IGNORE_INDEX
-        hidden = student_hidden[:, :-1][mask]
-        rows = self.targets(example_indices, mask) if cfg.logits.weight > 0 else {}
-        v = min(student_head.weight.shape[0], self.vocab)
-        if rows and len(rows["ids"]) and int(rows["ids"].max()) >= v:
-            raise CacheError(f"teacher.cache {self.reader.folder}: token id {int(rows['ids'].max())} is outside the "
-                             f"student's {student_head.weight.shape[0]} logits: the cache belongs to another vocabulary")
-        out = sparse_chunked_loss(hidden, student_head.weight, student_head.bias, labels[:, 1:][mask], rows,
-                                  kind=self.kind, missing_mass=cfg.logits.missing_mass,
-                                  temperature=cfg.logits.temperature, kd_weight=objective.kd_scale if
-                                  cfg.logits.weight > 0 else 0.0, ce_weight=cfg.ce.weight, vocab=v)
-        return ObjectiveOutput(weighted_sum=out.weighted_sum, n_valid=out.n_valid, term_sums=dict(out.term_sums))
-
-    def objective(self, objective: Objective, student_logits: torch.Tensor, labels: torch.Tensor,
-                  example_indices: list[int]) -> ObjectiveOutput:
-        """The run's objective with the sparse logit term: student_logits (B, T, V), labels (B, T)."""
-        cfg = objective.cfg
-        terms: dict[str, torch.Tensor] = {}
-        total = student_logits.new_zeros((), dtype=torch.float32)
-        s, targets, mask = shift(student_logits, labels)
-        if cfg.logits.weight > 0:
-            t = {k: v.to(student_logits.device) for k, v in self.targets(example_indices, mask).items()}
-            v = min(s.shape[-1], self.vocab)
-            if len(t["ids"]) and int(t["ids"].max()) >= v:
-                raise CacheError(f"teacher.cache {self.reader.folder}: token id {int(t['ids'].max())} is outside the "
-                                 f"student's {s.shape[-1]} logits: the cache belongs to another vocabulary")
-            rows = s[mask][:, :v]
-            lc = cfg.logits
-            if self.kind == "topk":
-                kd, _ = topk_divergence(lc.divergence, rows, t["ids"], t["logp"], t["rest"],
-                                        missing_mass=lc.missing_mass, temperature=lc.temperature, beta=lc.beta)
-            else:
-                kd, _ = sampled_forward_kl(rows, t["ids"], t["entropy"], temperature=lc.temperature)
-            terms["kd"] = kd.detach()
-            total = total + objective.kd_scale * kd
-        if cfg.ce.weight > 0:
-            ce, _ = cross_entropy(s, targets, ignore_index=IGNORE_INDEX)
-            terms["ce"] = ce.detach()
-            total = total + cfg.ce.weight * ce
-        return ObjectiveOutput(weighted_sum=total, n_valid=count_valid(labels), term_sums=terms)
+    def chunked_problem(self) -> str | None:
+        """The hidden-state (chunked) path has the sparse loss in closed form for forward KL only."""
+        if self.needs_logits and self.divergence != "fkl":
+            return (f"teacher cache with loss.logits.divergence={self.divergence}: the sparse loss has no "
+                    "chunked form")
+        return None

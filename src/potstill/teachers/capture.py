@@ -12,7 +12,6 @@ index) the files come out byte-identical to an uninterrupted capture.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import shutil
 import time
@@ -22,18 +21,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import cache as fmt
-from .cache import CacheError
-from .config import DistillConfig
-from .errors import ConfigError
+from ..config import DistillConfig, as_config
+from ..data import build_datasets, collate
+from ..errors import ConfigError
+from ..models.precision import autocast_context, compute_dtype, resolve_precision
+from ..models.teacher_model import load_teacher, teacher_dtype
+from ..models.vocab import output_rows
+from . import cache_format as fmt
+from .cache_format import CacheError
+from .cached import tokenizer_sha256
 
 log = logging.getLogger("potstill")
-
-
-def tokenizer_sha256(tokenizer) -> str:
-    from .data.tokenized import tokenizer_state
-
-    return hashlib.sha256(tokenizer_state(tokenizer).encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def model_name(ref: Any) -> str:
@@ -68,7 +66,7 @@ def teacher_rows(logits: torch.Tensor, labels: torch.Tensor, *, kind: str, k: in
 
 
 def encode_rows(rows: dict[str, np.ndarray], *, kind: str, vocab_size: int, value_bits: int) -> dict[str, np.ndarray]:
-    """Rows in the shard encoding (see :mod:`potstill.cache`)."""
+    """Rows in the shard encoding (see :mod:`potstill.teachers.cache_format`)."""
     out = {"ids": fmt.pack_ids(rows["ids"], fmt.id_bits(vocab_size))}
     if kind == "topk":
         out["logp"] = fmt.quantize_logp(rows["logp"], value_bits)
@@ -82,19 +80,13 @@ def cache_teacher(config, *, overrides=(), progress: bool = True) -> dict[str, A
     """Capture (or finish capturing) the teacher cache described by ``config``; returns the manifest."""
     from tqdm.auto import tqdm
 
-    from .data import build_datasets, collate
-    from .models import load_teacher, output_rows
-    from .precision import autocast_context, compute_dtype, resolve_precision
-    from .train import as_config
-
     cfg: DistillConfig = as_config(config, overrides)
     cc = cfg.cache
     if cfg.teacher.name_or_path is None:
         raise ConfigError("cache-teacher needs teacher.name_or_path: the model whose logits to capture")
     precision = resolve_precision(cfg.train.precision)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    t_dtype = {"auto": compute_dtype(precision) or torch.float32, "float32": torch.float32,
-               "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.teacher.dtype]
+    t_dtype = teacher_dtype(cfg.teacher.dtype, compute_dtype(precision))
     teacher, tok = load_teacher(cfg.teacher, dtype=t_dtype)
     teacher.to(device)
     train_ds, _ = build_datasets(cfg.data, tok, seed=cfg.train.seed, progress=progress)

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import RunDirError
+from ..errors import RunDirError
 
 CHECKPOINT_DIR = "checkpoints"
 STATE_FILE = "state.json"

@@ -1,8 +1,7 @@
 """Evaluation: perplexity, teacher-student divergence and top-1 agreement.
 
-``evaluate_models`` is what the training loop calls every ``eval.every`` steps;
-``evaluate`` is the public API behind ``potstill evaluate``, which loads a finished run
-(or any model folder) and scores it on a dataset.
+``evaluate_models`` is what the training loop calls every ``eval.every`` steps, and what
+``potstill evaluate`` (:mod:`potstill.commands.evaluate`) runs on a finished run or any model.
 """
 
 from __future__ import annotations
@@ -10,14 +9,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .losses import cross_entropy, logit_divergence
+from ..data import collate
+from ..losses import cross_entropy, logit_divergence
 from .objective import Objective, shift
 
 log = logging.getLogger("potstill")
@@ -58,8 +57,6 @@ def evaluate_models(
     with an objective also ``kd`` (the configured divergence, per token). Every process
     takes its own slice of the data; sums are reduced before dividing.
     """
-    from .data import collate
-
     rank = accelerator.process_index if accelerator is not None else 0
     world = accelerator.num_processes if accelerator is not None else 1
     # The cap applies to the whole evaluation, then processes share out its batches, so the
@@ -112,73 +109,3 @@ def evaluate_models(
         out["kd"] = totals["kd"] / n
     out["tokens"] = n
     return out
-
-
-def evaluate(
-    model: str | Path | nn.Module,
-    *,
-    teacher: str | Path | nn.Module | None = None,
-    data: Any = None,
-    split: str | None = None,
-    tokenizer: Any = None,
-    max_length: int | None = None,
-    batch_size: int | None = None,
-    max_batches: int | None = None,
-    precision: str | None = None,
-    progress: bool = True,
-) -> dict[str, float]:
-    """Evaluate a model folder, a finished run directory, or a model object.
-
-    For a run directory (one that holds ``config.yaml`` and ``student/``) the run's
-    validation data, teacher, precision and batch size are used unless given here.
-    """
-    from .config import DataConfig, TeacherConfig, validate_config
-    from .errors import ConfigError
-    from .data import build_datasets
-    from .models import check_vocab, freeze, load_causal_lm, load_teacher, load_tokenizer
-    from .precision import autocast_context, resolve_precision
-
-    run_cfg = None
-    if isinstance(model, (str, Path)) and (Path(model) / "config.yaml").is_file() and (Path(model) / "student").is_dir():
-        from .config import read_yaml
-
-        run_cfg = validate_config(read_yaml(Path(model) / "config.yaml"))
-        model = Path(model) / "student"
-    if precision is None:
-        precision = run_cfg.train.precision if run_cfg else "auto"
-    if batch_size is None:
-        batch_size = (run_cfg.eval.batch_size or run_cfg.train.batch_size) if run_cfg else 8
-    precision = resolve_precision(precision)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    student = load_causal_lm(str(model) if isinstance(model, Path) else model, revision=None, dtype=torch.float32,
-                             trust_remote_code=False, role="model")
-    student = freeze(student).to(device)
-    if tokenizer is None:
-        tokenizer = model if isinstance(model, (str, Path)) else None
-        if tokenizer is None:
-            raise ConfigError("evaluate(model=<object>) needs tokenizer=")
-    tok = load_tokenizer(str(tokenizer) if isinstance(tokenizer, Path) else tokenizer, role="model")
-
-    t_model, shared = None, None
-    teacher_ref = teacher if teacher is not None else (run_cfg.teacher.name_or_path if run_cfg else None)
-    if teacher_ref is not None:
-        t_cfg = TeacherConfig(name_or_path=str(teacher_ref) if isinstance(teacher_ref, Path) else teacher_ref,
-                              tokenizer=None if isinstance(teacher_ref, (str, Path)) else tok)
-        t_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-        t_model, t_tok = load_teacher(t_cfg, dtype=t_dtype)
-        t_model = t_model.to(device)
-        shared = check_vocab(t_model, t_tok, student, tok).shared
-
-    if data is not None:
-        d_cfg = DataConfig(source=data, split=split or "train", validation_fraction=0.0,
-                           max_length=max_length or (run_cfg.data.max_length if run_cfg else 1024))
-        dataset, _ = build_datasets(d_cfg, tok, progress=progress)
-    elif run_cfg is not None:
-        _, dataset = build_datasets(run_cfg.data, tok, seed=run_cfg.train.seed, progress=progress)
-        if dataset is None:
-            raise ConfigError("the run has no validation split: pass --data (or data=)")
-    else:
-        raise ConfigError("evaluate needs --data (or data=), or a run directory whose config names its data")
-    return evaluate_models(student, dataset, pad_token_id=tok.pad_token_id, batch_size=batch_size, device=device,
-                           teacher=t_model, shared_vocab=shared, max_batches=max_batches,
-                           autocast=autocast_context(precision, device), progress=progress)

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from .atomic import atomic_write_text
+from ..atomic import atomic_write_text
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -41,7 +41,7 @@ def peak_memory_mb(device: torch.device) -> float:
 
 def git_commit() -> str | None:
     """The commit of the potstill source that is running, when it runs from a git checkout."""
-    here = Path(__file__).resolve().parent
+    here = Path(__file__).resolve().parents[1]  # the potstill package
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
         dirty = subprocess.run(["git", "status", "--porcelain", "--", "."], cwd=here, capture_output=True,
@@ -56,7 +56,7 @@ def git_commit() -> str | None:
 def run_info() -> dict[str, Any]:
     import transformers
 
-    from . import __version__
+    from ..version import __version__
 
     return {
         "potstill_version": __version__,

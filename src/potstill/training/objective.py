@@ -1,5 +1,15 @@
 """The training objective: a weighted sum of loss terms, normalized in exactly one place.
 
+:meth:`Objective.compute` takes what the student's forward gave (:class:`StudentOutput`:
+final hidden states + head on the chunked path, logits on the plain path) and the teacher's
+:class:`~potstill.teachers.signal.TeacherSignal`, and picks the loss form from the two:
+
+    student | teacher    dense                      sparse (top-k / sampled)    none
+    hidden + head        chunked_distill_loss       sparse_chunked_loss         chunked CE
+    logits               fused_logit_loss           topk / sampled divergence   fused CE
+
+then adds the feature terms (hidden states, attention relations) when the run has them.
+
 One shift, one mask: ``logits[:, :-1]`` predicts ``labels[:, 1:]``; positions whose label
 is -100 (padding, non-assistant chat tokens) do not count.
 
@@ -12,14 +22,23 @@ same gradient as one big batch, however the tokens fall (the bug TRL issue 4719 
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
 
 import torch
 
-from .config import LossConfig
-from .losses import chunked_distill_loss, logit_divergence
-from .losses.chunked import DEFAULT_MEMORY_BUDGET_MB
-from .losses.fused_logits import fused_logit_loss
+from ..config import LossConfig
+from ..data.batching import MicroBatch
+from ..features.distiller import FeatureDistiller
+from ..features.hooks import Captured
+from ..losses import chunked_distill_loss, cross_entropy, logit_divergence
+from ..losses.chunked import DEFAULT_MEMORY_BUDGET_MB
+from ..losses.fused_logits import fused_logit_loss
+from ..losses.sparse import sampled_forward_kl, topk_divergence
+from ..losses.sparse_chunked import sparse_chunked_loss
+from ..models.heads import HeadParams
+from ..teachers.signal import SparseTargets, TeacherSignal
 
 IGNORE_INDEX = -100
 
@@ -37,6 +56,24 @@ class ObjectiveOutput:
     term_sums: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
+@dataclass
+class StudentOutput:
+    """What the student's forward gave for one micro-batch.
+
+    Chunked path: ``hidden`` (B, T, H) final hidden states and ``head`` (its output layer);
+    plain path: ``logits`` (B, T, V). ``activations``: the layers feature terms need, or None.
+    """
+
+    hidden: Optional[torch.Tensor] = None
+    head: Optional[HeadParams] = None
+    logits: Optional[torch.Tensor] = None
+    activations: Optional[Captured] = None
+
+    @property
+    def form(self) -> str:
+        return "hidden" if self.hidden is not None else "logits"
+
+
 def shift(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(B, T, V), (B, T) -> logits (B, T-1, V), targets (B, T-1), mask (B, T-1) bool."""
     targets = labels[:, 1:]
@@ -52,13 +89,53 @@ class Objective:
     """Builds the weighted terms from the loss config.
 
     ``shared_vocab`` is the number of logit columns teacher and student share (heads may
-    carry extra padding rows); divergences use only those columns.
+    carry extra padding rows); divergences use only those columns. ``features``: the run's
+    hidden-state / attention-relation terms, or None. ``autocast``: a zero-argument factory
+    of the compute-precision context the chunked forms run their matmuls in.
     """
 
-    def __init__(self, cfg: LossConfig, shared_vocab: int | None = None):
+    def __init__(self, cfg: LossConfig, shared_vocab: int | None = None, *,
+                 features: FeatureDistiller | None = None, autocast: Callable[[], Any] = contextlib.nullcontext):
         self.cfg = cfg
         self.shared_vocab = shared_vocab
+        self.features = features
+        self.autocast = autocast
         self.kd_scale = cfg.logits.weight * (cfg.logits.temperature ** 2 if cfg.logits.t2_scaling else 1.0)
+        # (student form, teacher signal form) -> the loss form; see the module docstring's table.
+        self._forms = {
+            ("hidden", "dense-hidden"): self._dense_chunked, ("hidden", "none"): self._dense_chunked,
+            ("hidden", "sparse"): self._sparse_chunked,
+            ("logits", "dense-logits"): self._dense_plain, ("logits", "none"): self._dense_plain,
+            ("logits", "sparse"): self._sparse_plain,
+        }
+
+    def compute(self, student: StudentOutput, teacher: TeacherSignal, batch: MicroBatch) -> ObjectiveOutput:
+        """Every term of one micro-batch, as sums over its valid tokens (not yet normalized)."""
+        form = self._forms.get((student.form, teacher.form))
+        if form is None:
+            raise ValueError(f"no loss form for a student giving {student.form} and a teacher signal "
+                             f"{teacher.form}: the student and the teacher must be on the same loss path")
+        out = form(student, teacher, batch.labels)
+        if self.features is not None:  # hidden-state / attention-relation terms, float32, outside autocast
+            self.features.add_terms(out, student.activations, teacher.activations, batch.labels,
+                                    batch.attention_mask)
+        return out
+
+    # -- the forms ----------------------------------------------------------------------------
+    def _dense_chunked(self, student: StudentOutput, teacher: TeacherSignal, labels: torch.Tensor):
+        with self.autocast():
+            return self.fused(student.hidden, student.head, labels, teacher.hidden, teacher.head,
+                              chunk_size=self.cfg.chunk_size, memory_budget_mb=self.cfg.memory_budget_mb)
+
+    def _dense_plain(self, student: StudentOutput, teacher: TeacherSignal, labels: torch.Tensor):
+        return self(student.logits, labels, teacher.logits)
+
+    def _sparse_chunked(self, student: StudentOutput, teacher: TeacherSignal, labels: torch.Tensor):
+        with self.autocast():
+            return self.sparse_fused(student.hidden, student.head, labels, teacher.sparse)
+
+    def _sparse_plain(self, student: StudentOutput, teacher: TeacherSignal, labels: torch.Tensor):
+        return self.sparse(student.logits, labels, teacher.sparse)
 
     @property
     def needs_teacher(self) -> bool:
@@ -104,7 +181,7 @@ class Objective:
         """The same objective from final hidden states and heads, never holding B x T x V logits.
 
         student_hidden (B, T, Hs), teacher_hidden (B, T, Ht), labels (B, T); heads are
-        :class:`~potstill.heads.HeadParams`. Equal to ``__call__`` on the models' logits.
+        :class:`~potstill.models.heads.HeadParams`. Equal to ``__call__`` on the models' logits.
         """
         lc = self.cfg.logits
         use_teacher = lc.weight > 0
@@ -121,6 +198,47 @@ class Objective:
             student_softcap=student_head.softcap, teacher_softcap=teacher_head.softcap if use_teacher else None,
             chunk_size=chunk_size, memory_budget_mb=memory_budget_mb)
         return ObjectiveOutput(weighted_sum=out.weighted_sum, n_valid=out.n_valid, term_sums=dict(out.term_sums))
+
+
+    def sparse_fused(self, student_hidden: torch.Tensor, student_head: HeadParams, labels: torch.Tensor,
+                     targets: SparseTargets) -> ObjectiveOutput:
+        """:meth:`sparse` from hidden states (B, T, H) and the student's head, never holding
+        B x T x V logits (:func:`potstill.losses.sparse_chunked.sparse_chunked_loss`)."""
+        if student_head.softcap is not None:
+            raise ValueError("the sparse-teacher chunked path has no logit soft-capping: use loss.path=plain")
+        lc = self.cfg.logits
+        mask = labels[:, 1:] != IGNORE_INDEX
+        rows = {k: v for k, v in (("ids", targets.ids), ("logp", targets.logp), ("rest", targets.rest),
+                                  ("entropy", targets.entropy)) if v is not None}
+        v = min(student_head.weight.shape[0], targets.vocab)
+        out = sparse_chunked_loss(student_hidden[:, :-1][mask], student_head.weight, student_head.bias,
+                                  labels[:, 1:][mask], rows, kind=targets.kind, missing_mass=lc.missing_mass,
+                                  temperature=lc.temperature, kd_weight=self.kd_scale if lc.weight > 0 else 0.0,
+                                  ce_weight=self.cfg.ce.weight, vocab=v)
+        return ObjectiveOutput(weighted_sum=out.weighted_sum, n_valid=out.n_valid, term_sums=dict(out.term_sums))
+
+    def sparse(self, student_logits: torch.Tensor, labels: torch.Tensor, targets: SparseTargets) -> ObjectiveOutput:
+        """The objective with the sparse logit term: student_logits (B, T, V), labels (B, T), the
+        teacher's rows at the valid positions (:class:`~potstill.teachers.signal.SparseTargets`)."""
+        lc = self.cfg.logits
+        terms: dict[str, torch.Tensor] = {}
+        total = student_logits.new_zeros((), dtype=torch.float32)
+        s, shifted, mask = shift(student_logits, labels)
+        if lc.weight > 0:
+            v = min(s.shape[-1], targets.vocab)
+            rows = s[mask][:, :v]
+            if targets.kind == "topk":
+                kd, _ = topk_divergence(lc.divergence, rows, targets.ids, targets.logp, targets.rest,
+                                        missing_mass=lc.missing_mass, temperature=lc.temperature, beta=lc.beta)
+            else:
+                kd, _ = sampled_forward_kl(rows, targets.ids, targets.entropy, temperature=lc.temperature)
+            terms["kd"] = kd.detach()
+            total = total + self.kd_scale * kd
+        if self.cfg.ce.weight > 0:
+            ce, _ = cross_entropy(s, shifted, ignore_index=IGNORE_INDEX)
+            terms["ce"] = ce.detach()
+            total = total + self.cfg.ce.weight * ce
+        return ObjectiveOutput(weighted_sum=total, n_valid=count_valid(labels), term_sums=terms)
 
 
 def step_loss(weighted_sum: torch.Tensor, n_valid_step: torch.Tensor | int, world_size: int) -> torch.Tensor:

@@ -1,0 +1,44 @@
+"""Where the teacher signal comes from: one interface, many sources.
+
+    base.py          Teacher: ``signal(micro_batch) -> TeacherSignal`` (and ``prefetch``), NoTeacher
+    signal.py        TeacherSignal (dense | sparse | none, + activations), SparseTargets
+    local.py         LocalTeacher: a model in this process (quantized or not)
+    cached.py        CachedTeacher: top-k / sampled shards on disk, verified against the run
+    cache_format.py  the cache on disk: encoding, shards, manifest, checksums
+    capture.py       ``potstill cache-teacher``: run a teacher once over the data, write the cache
+
+:func:`build_teacher` picks the source from the config; a new source (a served teacher) is a
+new module here and one branch below, and nothing else changes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable
+
+from torch import nn
+
+from ..config import DistillConfig
+from ..features.distiller import FeatureDistiller
+from ..models.vocab import output_rows
+from .base import NoTeacher, Teacher
+from .signal import SparseTargets, TeacherSignal
+
+__all__ = ["Teacher", "NoTeacher", "TeacherSignal", "SparseTargets", "build_teacher"]
+
+
+def build_teacher(cfg: DistillConfig, *, model: nn.Module | None, student: nn.Module, tokenizer, train_ds,
+                  features: FeatureDistiller | None = None,
+                  autocast: Callable[[], Any] = contextlib.nullcontext) -> Teacher:
+    """The teacher source of a run: its cache (``teacher.cache``), the model loaded in this
+    process, or none (hard labels only)."""
+    if cfg.teacher.cache is not None:
+        from .cached import CachedTeacher
+
+        return CachedTeacher(cfg.teacher.cache, tokenizer=tokenizer, train_ds=train_ds, loss_cfg=cfg.loss,
+                             student_vocab=output_rows(student))
+    if model is not None:
+        from .local import LocalTeacher
+
+        return LocalTeacher(model, needs_logits=cfg.loss.logits.weight > 0, features=features, autocast=autocast)
+    return NoTeacher()

@@ -1,0 +1,78 @@
+"""What a teacher gives the objective for one micro-batch, whatever produced it.
+
+A :class:`TeacherSignal` has one ``kind``, and the objective picks its loss form from it
+(:meth:`potstill.training.objective.Objective.compute`):
+
+``dense``   the teacher's whole distribution at every position: its final hidden states
+            ``hidden`` (B, T, Ht) with its output ``head`` (the chunked loss path makes the
+            logits a chunk at a time), or its ``logits`` (B, T, Vt) (the plain path).
+``sparse``  a few numbers per valid position (:class:`SparseTargets`): the top-k ids with
+            their log-probs and the log of the mass outside them, or k ids sampled from the
+            teacher with its entropy. A teacher cache gives these; so will a served teacher.
+``none``    no logit signal: the run trains on hard labels (and feature terms) only.
+
+Any kind may carry ``activations``: the teacher's hidden states / q-k-v projections at the
+layers that feature terms need (:class:`potstill.features.hooks.Captured`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+import torch
+
+from ..features.hooks import Captured
+from ..models.heads import HeadParams
+
+SignalKind = Literal["dense", "sparse", "none"]
+
+
+@dataclass
+class SparseTargets:
+    """Teacher log-probs at the R valid positions of a micro-batch.
+
+    Rows are row-major over ``logits[:, :-1][labels[:, 1:] != -100]``: the same order in
+    which the objective visits the student's valid positions.
+
+    ``kind='topk'``: ``ids`` (R, k) int64 sorted by ``logp`` (R, k) float32 descending,
+    ``rest`` (R,) the log of the teacher's mass outside those ids.
+    ``kind='sampled'``: ``ids`` (R, k) drawn from the teacher (with repeats), ``entropy`` (R,).
+    ``vocab`` is the number of logit columns the ids index (teacher and student share them).
+    """
+
+    kind: Literal["topk", "sampled"]
+    ids: torch.Tensor
+    vocab: int
+    logp: Optional[torch.Tensor] = None
+    rest: Optional[torch.Tensor] = None
+    entropy: Optional[torch.Tensor] = None
+
+    def to(self, device: torch.device) -> "SparseTargets":
+        move = (lambda t: None if t is None else t.to(device))
+        return SparseTargets(self.kind, self.ids.to(device), self.vocab, move(self.logp), move(self.rest),
+                             move(self.entropy))
+
+    @property
+    def n_rows(self) -> int:
+        return int(self.ids.shape[0])
+
+
+@dataclass
+class TeacherSignal:
+    """The teacher's signal for one micro-batch (see the module docstring for the kinds)."""
+
+    kind: SignalKind
+    hidden: Optional[torch.Tensor] = None       # dense, chunked path: (B, T, Ht) final hidden states
+    head: Optional[HeadParams] = None           # dense, chunked path: the head that turns them into logits
+    logits: Optional[torch.Tensor] = None       # dense, plain path: (B, T, Vt)
+    sparse: Optional[SparseTargets] = None      # sparse: rows of the valid positions
+    activations: Optional[Captured] = None      # feature terms' layers, any kind
+
+    @property
+    def form(self) -> str:
+        """``kind`` plus, for dense signals, which path it feeds: 'dense-hidden', 'dense-logits',
+        'sparse' or 'none'."""
+        if self.kind != "dense":
+            return self.kind
+        return "dense-hidden" if self.hidden is not None else "dense-logits"

@@ -1,0 +1,180 @@
+"""Everything a run needs before its first step, built in one place: :func:`build_run`.
+
+    models     teacher model (frozen; skipped when a cache replaces it), student, shared vocabulary
+    features   the feature terms' layer pairs and projectors (None without feature terms)
+    data       tokenized train / validation sets, the step batcher, the token source
+    teacher    the signal source (:func:`potstill.teachers.build_teacher`)
+    objective  the loss terms, and the loss path (chunked or plain) both sides agree on
+    optimizer  AdamW (no decay on norms and biases) and the schedule, prepared by Accelerate
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from ..config import DistillConfig
+from ..data import build_datasets
+from ..data.batching import StepBatcher
+from ..errors import ConfigError, ModelError
+from ..features.distiller import FeatureDistiller
+from ..models.heads import HeadParams
+from ..models.hidden import supports_chunked
+from ..models.precision import autocast_context, compute_dtype
+from ..models.students import load_student
+from ..models.teacher_model import load_teacher, teacher_dtype
+from ..models.vocab import check_vocab
+from ..teachers import Teacher, build_teacher
+from .forward import StudentForward
+from .objective import Objective
+from .tokens import TokenSource
+
+log = logging.getLogger("potstill")
+
+
+@dataclass
+class Run:
+    """The parts of one training run, as :func:`build_run` made them."""
+
+    cfg: DistillConfig
+    accelerator: Any
+    precision: str
+    run_dir: Path
+    autocast: Callable[[], contextlib.AbstractContextManager]
+    student: nn.Module            # as Accelerate wrapped it (DDP); call this one
+    raw_student: nn.Module        # the model itself: hooks, head, saving
+    tokenizer: Any
+    teacher: Teacher
+    features: FeatureDistiller | None
+    objective: Objective
+    student_forward: StudentForward
+    train_ds: Any
+    val_ds: Any
+    batcher: StepBatcher
+    tokens: TokenSource
+    max_steps: int
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    shared_vocab: int | None
+    n_params: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    def trained_parameters(self) -> list[nn.Parameter]:
+        """Student and feature-projector parameters: what clipping and the optimizer see."""
+        return list(self.student.parameters()) + (self.features.parameters() if self.features else [])
+
+
+def build_run(cfg: DistillConfig, accelerator, precision: str, run_dir: Path, *, progress: bool) -> Run:
+    """Load and build everything in the order the run's randomness depends on (models, then
+    data, then the optimizer), so a run and its resumed continuation start identically."""
+    device = accelerator.device
+    autocast = autocast_context(precision, device)
+    teacher_model, student, tokenizer, shared_vocab = load_models(cfg, precision)
+    features = FeatureDistiller.build(cfg.loss, teacher_model, student, seed=cfg.train.seed)
+    if features is not None:
+        features.to(device)
+    if teacher_model is not None:
+        teacher_model.to(device)
+    n_params = sum(p.numel() for p in student.parameters())
+    log.info("student: %s, %.2fM parameters; teacher: %s; precision %s on %s x%d",
+             type(student).__name__, n_params / 1e6,
+             type(teacher_model).__name__ if teacher_model is not None else "none",
+             precision, device, accelerator.num_processes)
+
+    with accelerator.main_process_first():
+        train_ds, val_ds = build_datasets(cfg.data, tokenizer, seed=cfg.train.seed,
+                                          progress=progress and accelerator.is_main_process)
+    teacher = build_teacher(cfg, model=teacher_model, student=student, tokenizer=tokenizer, train_ds=train_ds,
+                            features=features, autocast=autocast)
+    tc = cfg.train
+    batcher = StepBatcher(len(train_ds), batch_size=tc.batch_size, grad_accum=tc.grad_accum,
+                          world_size=accelerator.num_processes, rank=accelerator.process_index, seed=tc.seed)
+    max_steps = tc.max_steps or batcher.steps_for_epochs(tc.epochs)
+
+    optimizer, scheduler = build_optimizer(cfg, student, features, max_steps)
+    wrapped, optimizer = accelerator.prepare(student, optimizer)
+    raw_student = accelerator.unwrap_model(wrapped)
+    student_head = choose_loss_path(cfg.loss.path, raw_student, teacher)
+    objective = Objective(cfg.loss, shared_vocab, features=features, autocast=autocast)
+    return Run(cfg=cfg, accelerator=accelerator, precision=precision, run_dir=run_dir, autocast=autocast,
+               student=wrapped, raw_student=raw_student, tokenizer=tokenizer, teacher=teacher, features=features,
+               objective=objective, student_forward=StudentForward(wrapped, raw_student, student_head, features),
+               train_ds=train_ds, val_ds=val_ds, batcher=batcher,
+               tokens=TokenSource(train_ds, batcher, tokenizer.pad_token_id, device), max_steps=max_steps,
+               optimizer=optimizer, scheduler=scheduler, shared_vocab=shared_vocab, n_params=n_params)
+
+
+def load_models(cfg: DistillConfig, precision: str) -> tuple[nn.Module | None, nn.Module, Any, int | None]:
+    """(frozen teacher model or None, trainable student, tokenizer, shared vocabulary or None).
+
+    A teacher cache replaces the teacher model. A teacher whose vocabulary differs from the
+    student's is refused where a logit or feature term needs it, else dropped (no evaluation
+    against it)."""
+    teacher, teacher_tok = None, None
+    if cfg.teacher.name_or_path is not None and cfg.teacher.cache is None:
+        teacher, teacher_tok = load_teacher(cfg.teacher,
+                                            dtype=teacher_dtype(cfg.teacher.dtype, compute_dtype(precision)))
+    student, tokenizer = load_student(cfg.student, teacher=teacher, teacher_tokenizer=teacher_tok)
+    shared_vocab = None
+    if teacher is not None:
+        try:
+            shared_vocab = check_vocab(teacher, teacher_tok, student, tokenizer).shared
+        except ModelError:
+            if cfg.loss.logits.weight > 0 or cfg.loss.uses_features:
+                raise
+            log.warning("teacher and student vocabularies differ: the teacher is not used in evaluation")
+            teacher = None
+    return teacher, student, tokenizer, shared_vocab
+
+
+def build_optimizer(cfg: DistillConfig, student: nn.Module, features: FeatureDistiller | None, max_steps: int):
+    """AdamW without weight decay on norms and biases (1-d parameters), and the schedule."""
+    from transformers import get_scheduler
+
+    tc = cfg.train
+    decay = [p for p in student.parameters() if p.ndim >= 2]
+    no_decay = [p for p in student.parameters() if p.ndim < 2]  # norms and biases
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        + ([{"params": features.parameters(), "weight_decay": tc.weight_decay}]  # feature projectors
+           if features is not None and features.parameters() else []),
+        lr=tc.lr, betas=tc.adam_betas, eps=tc.adam_eps)
+    warmup = tc.warmup_steps or int(tc.warmup_ratio * max_steps)
+    extra = {"num_decay_steps": max(1, max_steps // 10)} if tc.scheduler == "warmup_stable_decay" else None
+    scheduler = get_scheduler(tc.scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=max_steps,
+                              scheduler_specific_kwargs=extra)
+    return optimizer, scheduler
+
+
+def choose_loss_path(path: str, student: nn.Module, teacher: Teacher) -> HeadParams | None:
+    """The student's head params for the chunked path, or None for the plain one; tells the
+    teacher which dense form to give. ``path`` is ``loss.path``: auto | chunked | plain."""
+    head = None
+    if path == "plain":
+        log.info("loss path: plain (full logits), as configured")
+    else:
+        head, why = supports_chunked(student)
+        if head is not None:
+            why = teacher.chunked_problem()
+            head = head if why is None else None
+        if head is None:
+            if path == "chunked":
+                raise ConfigError(f"loss.path=chunked is not possible: {why}; use loss.path=auto or plain")
+            log.info("loss path: plain (full logits), because %s", why)
+        else:
+            log.info("loss path: chunked (logits a chunk of tokens at a time)")
+    teacher.use_loss_path("chunked" if head is not None else "plain")
+    return head
