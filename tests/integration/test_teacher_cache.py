@@ -257,3 +257,19 @@ def test_cache_settings_checked_against_the_loss(captured, tmp_path, teacher_dir
     run = distill(cfg, overrides=[f"teacher.cache={sampled['cache']['dir']}", f"output.dir={tmp_path / 'srun'}"],
                   progress=False)
     assert np.isfinite(run.final_eval["ce"])
+
+
+def test_cache_loss_path_falls_back_or_refuses(captured, tmp_path, caplog):
+    """A top-k cache with a divergence whose sparse loss has no chunked form: loss.path=auto trains on
+    the plain path and says why; an explicit loss.path=chunked is refused in one line."""
+    cfg, _ = captured
+    folder = cfg["cache"]["dir"]
+    caplog.set_level("INFO", logger="potstill")
+    run = distill(cfg, overrides=[f"teacher.cache={folder}", "teacher.name_or_path=null",
+                                  "loss.logits.divergence=rkl", f"output.dir={tmp_path / 'auto'}"], progress=False)
+    assert np.isfinite(run.final_eval["ce"])
+    assert "loss path: plain (full logits), because teacher cache with loss.logits.divergence=rkl" in caplog.text
+    with pytest.raises(ConfigError, match="loss.path=chunked is not possible: teacher cache with "
+                                          "loss.logits.divergence=rkl: the sparse loss has no chunked form"):
+        distill(cfg, overrides=[f"teacher.cache={folder}", "teacher.name_or_path=null", "loss.logits.divergence=rkl",
+                                "loss.path=chunked", f"output.dir={tmp_path / 'forced'}"], progress=False)
