@@ -46,9 +46,15 @@ class MicroBatch:
                           self.example_indices, self.step)
 
     @property
+    def loss_mask(self) -> torch.Tensor:
+        """(B, T-1) bool: the positions whose next-token label counts (``logits[:, :-1]`` predicts
+        ``labels[:, 1:]``); a teacher's sparse rows and the objective visit them in this order."""
+        return self.labels[:, 1:] != IGNORE_INDEX
+
+    @property
     def n_valid(self) -> torch.Tensor:
         """Positions that count in the loss after the shift: int64 scalar."""
-        return (self.labels[:, 1:] != IGNORE_INDEX).sum()
+        return self.loss_mask.sum()
 
     @property
     def n_tokens(self) -> torch.Tensor:

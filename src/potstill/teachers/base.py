@@ -26,8 +26,6 @@ from .signal import TeacherSignal
 class Teacher(ABC):
     """A source of teacher signal for the micro-batches of a run."""
 
-    #: one line for the log: what the teacher is and where it lives
-    description: str = "teacher"
     #: how many optimizer steps ahead the loop hands to :meth:`prefetch` (0: none)
     lookahead: int = 0
 
@@ -58,8 +56,6 @@ class Teacher(ABC):
 
 class NoTeacher(Teacher):
     """No teacher signal: hard-label cross-entropy (and nothing else) trains the student."""
-
-    description = "none"
 
     def signal(self, batch: MicroBatch) -> TeacherSignal:
         return TeacherSignal(kind="none")

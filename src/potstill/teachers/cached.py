@@ -72,7 +72,6 @@ class CachedTeacher(Teacher):
         self.vocab = min(int(m["teacher"]["vocab_size"]), student_vocab)  # logit columns both index
         self.needs_logits = lc.weight > 0
         self.divergence = lc.divergence
-        self.description = f"cache {self.reader.folder} ({m['teacher']['name']}, {self.kind}, k={m['k']})"
         log.info("teacher: cache %s (%s, k=%d, %s, %.1f bytes per token), no teacher model loaded",
                  self.reader.folder, m["teacher"]["name"], m["k"], self.kind, m.get("bytes_per_token", float("nan")))
 
@@ -95,8 +94,7 @@ class CachedTeacher(Teacher):
     def signal(self, batch: MicroBatch) -> TeacherSignal:
         if not self.needs_logits:
             return TeacherSignal(kind="none")
-        mask = batch.labels[:, 1:] != -100
-        rows = self.targets(batch.example_indices, mask)
+        rows = self.targets(batch.example_indices, batch.loss_mask)
         targets = SparseTargets(kind=self.kind, ids=rows["ids"], vocab=self.vocab, logp=rows.get("logp"),
                                 rest=rows.get("rest"), entropy=rows.get("entropy"))
         return TeacherSignal(kind="sparse", sparse=targets.to(batch.labels.device))

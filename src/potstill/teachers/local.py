@@ -37,7 +37,6 @@ class LocalTeacher(Teacher):
         self.autocast = autocast
         self.head = None
         self.path = "plain"
-        self.description = f"{type(model).__name__} in this process"
 
     @property
     def model(self) -> nn.Module:

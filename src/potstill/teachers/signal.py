@@ -53,10 +53,6 @@ class SparseTargets:
         return SparseTargets(self.kind, self.ids.to(device), self.vocab, move(self.logp), move(self.rest),
                              move(self.entropy))
 
-    @property
-    def n_rows(self) -> int:
-        return int(self.ids.shape[0])
-
 
 @dataclass
 class TeacherSignal:

@@ -35,7 +35,7 @@ from . import checkpoint as ckpt
 from .evaluation import evaluate_models, reduce_sum
 from .metrics import MetricsLogger, peak_memory_mb
 from .objective import step_loss
-from .rundir import prepare_run_dir, publish_student, write_run_files, write_summary
+from .rundir import STUDENT_DIR, prepare_run_dir, publish_student, write_run_files, write_summary
 from .setup import Run, build_run
 
 log = logging.getLogger("potstill")
@@ -241,7 +241,7 @@ def finish(run: Run, metrics: MetricsLogger, train_metrics: dict[str, float]) ->
     """Final evaluation and checkpoint, the student saved with save_pretrained, the summary."""
     final_eval = evaluate(run, metrics, run.max_steps)
     save_checkpoint(run, run.max_steps)
-    student_dir = run.run_dir / "student"
+    student_dir = run.run_dir / STUDENT_DIR
     if run.is_main:
         projectors = run.features.projectors if run.features is not None and run.features.hidden_pairs else None
         student_dir = publish_student(run.run_dir, run.raw_student, run.tokenizer, projectors)

@@ -199,7 +199,6 @@ class Objective:
             chunk_size=chunk_size, memory_budget_mb=memory_budget_mb)
         return ObjectiveOutput(weighted_sum=out.weighted_sum, n_valid=out.n_valid, term_sums=dict(out.term_sums))
 
-
     def sparse_fused(self, student_hidden: torch.Tensor, student_head: HeadParams, labels: torch.Tensor,
                      targets: SparseTargets) -> ObjectiveOutput:
         """:meth:`sparse` from hidden states (B, T, H) and the student's head, never holding
