@@ -77,6 +77,15 @@ def quantize_activations(x: torch.Tensor) -> torch.Tensor:
     return q + (x - x.detach()) if x.requires_grad else q
 
 
+def ternary_weight(module: nn.Module) -> torch.Tensor:
+    """The ternary weight a Bit layer computes with: ``T * scale`` from a packed model's int8
+    ``weight`` and ``weight_scale`` buffers, else quantized from the float master weight."""
+    scale = module._buffers.get("weight_scale")
+    if scale is not None:
+        return module.weight.to(scale.dtype) * scale
+    return quantize_weight(module.weight)
+
+
 class BitLinear(nn.Linear):
     """An ``nn.Linear`` whose forward is ternary-weight x 8-bit-activation (fake-quantized).
 
@@ -87,10 +96,7 @@ class BitLinear(nn.Linear):
     """
 
     def quantized_weight(self) -> torch.Tensor:
-        scale = self._buffers.get("weight_scale")
-        if scale is not None:
-            return self.weight.to(scale.dtype) * scale
-        return quantize_weight(self.weight)
+        return ternary_weight(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(quantize_activations(x), self.quantized_weight(), self.bias)
@@ -100,10 +106,7 @@ class BitEmbedding(nn.Embedding):
     """An ``nn.Embedding`` with ternary weights (absmean scale); outputs are not quantized."""
 
     def quantized_weight(self) -> torch.Tensor:
-        scale = self._buffers.get("weight_scale")
-        if scale is not None:
-            return self.weight.to(scale.dtype) * scale
-        return quantize_weight(self.weight)
+        return ternary_weight(self)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(ids, self.quantized_weight(), self.padding_idx, self.max_norm, self.norm_type,
