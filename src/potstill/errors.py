@@ -35,3 +35,14 @@ class DivergedError(PotstillError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
 
     exit_code = 3
+
+
+class StoppedError(PotstillError):
+    """The run was asked to stop (SIGTERM, Ctrl-C) and stopped cleanly after a checkpoint.
+
+    The exit code follows the shell's convention for the signal (128 + its number: 143 for
+    SIGTERM, 130 for SIGINT), so schedulers see the run was stopped, not that it failed."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + int(signum)
