@@ -112,3 +112,32 @@ def run_torchrun_distill(config_path, nproc: int = 2) -> subprocess.CompletedPro
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     return subprocess.run(["torchrun", "--nproc_per_node", str(nproc), "-m", "potstill", "distill", str(config_path),
                            "--no-progress"], env=env, capture_output=True, text=True, timeout=300)
+
+
+# A tiny llama student for run tests: built from config, so a run needs no student folder.
+TINY_STUDENT = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64}
+
+
+def run_config(out, teacher_dir, data, *, loss: dict | None = None, eval: dict | None = None, **train) -> dict:
+    """A few-second distillation config: the tiny student from config, fp32, a log record every
+    step, evaluation on one batch; keywords override ``train`` keys."""
+    return {
+        "teacher": {"name_or_path": str(teacher_dir)},
+        "student": {"config": dict(TINY_STUDENT)},
+        "data": {"source": str(data), "max_length": 48, "validation_fraction": 0.1},
+        "loss": loss if loss is not None else {"ce": {"weight": 0.2}},
+        "train": {"max_steps": 6, "batch_size": 2, "lr": 3e-3, "precision": "fp32", "log_every": 1, **train},
+        "eval": eval if eval is not None else {"max_batches": 1},
+        "output": {"dir": str(out), "tensorboard": False},
+    }
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, *fragments: str, code: int | None = None) -> str:
+    """A failed CLI call printed exactly one ``potstill: error:`` line holding every fragment, no traceback."""
+    assert proc.returncode != 0 if code is None else proc.returncode == code, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("potstill: error:")]
+    assert len(errors) == 1, proc.stderr
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+    return errors[0]

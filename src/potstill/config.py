@@ -26,13 +26,22 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from .errors import ConfigError
 
+# Bounds that keep numbers inside what the libraries below accept: counts of steps, examples or
+# tokens fit a signed 32-bit int (torch and numpy index with them), seeds an unsigned one
+# (numpy's global seed), and floats are finite (``1e400`` parses to inf).
+MAX_COUNT = 2**31 - 1
+MAX_SEED = 2**32 - 1
+MAX_TOKENS = 2**24  # tokens per sequence: beyond any model's context
+
 SECTIONS = ("teacher", "student", "data", "loss", "train", "eval", "output", "cache", "generate")
 ENV_PREFIX = "POTSTILL_"
 
 
 class _Section(BaseModel):
     # extra="forbid" turns a typo into an error; arbitrary types let objects through.
-    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True, validate_assignment=True)
+    # allow_inf_nan=False: an overflowing float (train.lr=1e400 is inf) is an error, not a silent inf.
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True, validate_assignment=True,
+                              allow_inf_nan=False)
 
 
 # A model, tokenizer or dataset given either by name/path or as an object from Python.
@@ -60,7 +69,7 @@ class FromTeacherConfig(_Section):
     """Initialize the student from the teacher, keeping a subset of its decoder layers."""
 
     layers: list[int] | None = Field(None, description="teacher layer indices to keep, in order")
-    every: int | None = Field(None, ge=1, description="keep layers 0, every, 2*every, ...")
+    every: int | None = Field(None, ge=1, le=MAX_COUNT, description="keep layers 0, every, 2*every, ...")
 
     @model_validator(mode="after")
     def _one_rule(self) -> "FromTeacherConfig":
@@ -114,7 +123,7 @@ class DataConfig(_Section):
     completion_field: str = Field("completion", description="completion column; loss only there")
     chat_template: str | None = Field(None, description="Jinja chat template; default: the tokenizer's")
     assistant_only_loss: bool = Field(True, description="chat data: loss only on assistant tokens")
-    max_length: int = Field(1024, ge=8, description="tokens per training sequence")
+    max_length: int = Field(1024, ge=8, le=MAX_TOKENS, description="tokens per training sequence")
     packing: bool = Field(True, description="concatenate texts with EOS and cut into full blocks; else pad")
     validation_source: Any = Field(None, description="a separate validation dataset (same forms as source)")
     validation_split: str | None = Field(None, description="a split of the same hub dataset, e.g. 'validation'")
@@ -153,7 +162,7 @@ LAYER_MAPPINGS = Literal["last", "last_k", "all", "uniform", "uniform_consecutiv
 class _LayerMapping(_Section):
     """Which teacher layer teaches which student layer (see potstill.features.layer_map); layers count from 1."""
 
-    k: int | None = Field(None, ge=1, description="mapping last_k: how many final layers")
+    k: int | None = Field(None, ge=1, le=MAX_COUNT, description="mapping last_k: how many final layers")
     pairs: list[tuple[int, int]] | None = Field(
         None, description="mapping pairs: [[teacher_layer, student_layer], ...]; layer i = output of decoder layer i")
 
@@ -187,7 +196,7 @@ class AttentionLossConfig(_LayerMapping):
     weight: float = Field(0.0, ge=0.0, description="weight of the attention-relation term (mean over layer pairs)")
     mapping: LAYER_MAPPINGS = Field("last", description="as loss.hidden.mapping; MiniLMv2 uses the last layer")
     relation_heads: int | None = Field(
-        None, ge=1, description="relation heads (must divide every q/k/v width); default: the student's attention heads")
+        None, ge=1, le=MAX_COUNT, description="relation heads (must divide every q/k/v width); default: the student's attention heads")
 
 
 class LossConfig(_Section):
@@ -197,7 +206,7 @@ class LossConfig(_Section):
     attention: AttentionLossConfig = Field(default_factory=AttentionLossConfig)
     path: Literal["auto", "chunked", "plain"] = Field(
         "auto", description="chunked: logits a chunk of tokens at a time, never B x T x V (auto: where the models allow)")
-    chunk_size: int | None = Field(None, ge=1, description="tokens per chunk on the chunked path; default: from memory_budget_mb")
+    chunk_size: int | None = Field(None, ge=1, le=MAX_COUNT, description="tokens per chunk on the chunked path; default: from memory_budget_mb")
     memory_budget_mb: float = Field(512.0,  # = losses.chunked.DEFAULT_MEMORY_BUDGET_MB
                                       gt=0, description="memory for one chunk's logits on the chunked path")
 
@@ -214,10 +223,10 @@ class LossConfig(_Section):
 
 
 class TrainConfig(_Section):
-    max_steps: int | None = Field(None, ge=1, description="optimizer steps; default: from epochs")
-    epochs: float = Field(1.0, gt=0.0, description="used when max_steps is not given")
-    batch_size: int = Field(8, ge=1, description="sequences per micro-batch, per process")
-    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    max_steps: int | None = Field(None, ge=1, le=MAX_COUNT, description="optimizer steps; default: from epochs")
+    epochs: float = Field(1.0, gt=0.0, le=1e6, description="used when max_steps is not given")
+    batch_size: int = Field(8, ge=1, le=MAX_COUNT, description="sequences per micro-batch, per process")
+    grad_accum: int = Field(1, ge=1, le=MAX_COUNT, description="micro-batches per optimizer step")
     lr: float = Field(1e-4, gt=0.0, description="peak learning rate (AdamW)")
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay (not on norms and biases)")
     adam_betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas")
@@ -225,16 +234,24 @@ class TrainConfig(_Section):
     scheduler: Literal["linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
                        "constant_with_warmup", "inverse_sqrt", "warmup_stable_decay"] = Field(
         "cosine", description="learning-rate schedule (transformers.get_scheduler)")
-    warmup_steps: int = Field(0, ge=0, description="linear warmup steps")
+    warmup_steps: int = Field(0, ge=0, le=MAX_COUNT, description="linear warmup steps")
     warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0, description="used when warmup_steps is 0")
     max_grad_norm: float | None = Field(1.0, gt=0.0, description="null: no clipping")
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
         "auto", description="auto: bf16 where the hardware has fast bf16 (CUDA Ampere+, CPU with AMX), else fp32")
-    seed: int = Field(0, description="model init, data order, validation split")
-    resume: Union[bool, str] = Field(False, description="false | auto (latest checkpoint in output.dir) | a checkpoint path")
-    checkpoint_every: int | None = Field(500, ge=1, description="steps between checkpoints; one is always written at the end")
-    keep_checkpoints: int = Field(2, ge=1, description="keep only the newest K checkpoints")
-    log_every: int = Field(10, ge=1, description="steps between metrics.jsonl / TensorBoard records")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="model init, data order, validation split")
+    resume: Union[bool, str] = Field(False, description="false | auto (newest intact checkpoint in output.dir) | a checkpoint path; "
+                                                   "which settings may change on resume: README, 'Stopping, resuming'")
+    checkpoint_every: int | None = Field(500, ge=1, le=MAX_COUNT, description="steps between checkpoints; one is always written at the end")
+    keep_checkpoints: int = Field(2, ge=1, le=MAX_COUNT, description="keep only the newest K checkpoints")
+    log_every: int = Field(10, ge=1, le=MAX_COUNT, description="steps between metrics.jsonl / TensorBoard records")
+
+    @model_validator(mode="after")
+    def _betas_in_range(self) -> "TrainConfig":
+        # torch.optim.AdamW refuses these only when the optimizer is built, after the models load.
+        if not all(0.0 <= b < 1.0 for b in self.adam_betas):
+            raise ValueError(f"train.adam_betas {list(self.adam_betas)}: each beta must be in [0, 1), e.g. [0.9, 0.999]")
+        return self
 
     @model_validator(mode="after")
     def _resume_word(self) -> "TrainConfig":
@@ -244,14 +261,15 @@ class TrainConfig(_Section):
 
 
 class EvalConfig(_Section):
-    every: int | None = Field(None, ge=1, description="steps between evaluations; always evaluated at the end")
-    max_batches: int | None = Field(None, ge=1, description="cap on validation batches per evaluation")
-    batch_size: int | None = Field(None, ge=1, description="default: train.batch_size")
+    every: int | None = Field(None, ge=1, le=MAX_COUNT, description="steps between evaluations; always evaluated at the end")
+    max_batches: int | None = Field(None, ge=1, le=MAX_COUNT, description="cap on validation batches per evaluation")
+    batch_size: int | None = Field(None, ge=1, le=MAX_COUNT, description="default: train.batch_size")
 
 
 class OutputConfig(_Section):
     dir: str = Field("runs/potstill", description="run directory: student/, checkpoints/, metrics.jsonl, ...")
-    overwrite: bool = Field(False, description="allow starting a fresh run in a folder that holds one")
+    overwrite: bool = Field(False, description="start a fresh run in a folder that holds one of potstill's runs "
+                                                   "(deletes only that run's files; never the run's own inputs)")
     tensorboard: bool = Field(True, description="write TensorBoard logs to <dir>/tensorboard")
 
 
@@ -261,26 +279,27 @@ class CacheConfig(_Section):
     dir: str = Field("runs/teacher-cache", description="cache-teacher: folder for the shards and manifest.json")
     kind: Literal["topk", "sampled"] = Field(
         "topk", description="topk: the k most likely ids and log-probs; sampled: k ids drawn from the teacher")
-    k: int = Field(12, ge=1, description="ids stored per token (top-k size or number of samples)")
+    k: int = Field(12, ge=1, le=2**16, description="ids stored per token (top-k size or number of samples)")
     value_bits: Literal[8, 16] = Field(8, description="topk: bits per quantized log-probability")
-    examples_per_shard: int = Field(256, ge=1, description="tokenized examples per shard file")
-    batch_size: int | None = Field(None, ge=1, description="teacher batch size; default: train.batch_size")
-    seed: int = Field(0, description="sampled: seed of the draws (per shard)")
-    overwrite: bool = Field(False, description="replace a cache of other settings in cache.dir")
+    examples_per_shard: int = Field(256, ge=1, le=MAX_COUNT, description="tokenized examples per shard file")
+    batch_size: int | None = Field(None, ge=1, le=MAX_COUNT, description="teacher batch size; default: train.batch_size")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="sampled: seed of the draws (per shard)")
+    overwrite: bool = Field(False, description="replace potstill's own cache of other settings (or a damaged one) "
+                                                   "in cache.dir; deletes only the files a capture wrote")
 
 
 class GenerateConfig(_Section):
     """What ``potstill generate`` writes: the teacher's answers to the data's prompts."""
 
     output: str | None = Field(None, description="generate: .jsonl or .parquet file for the teacher's answers")
-    num_generations: int = Field(1, ge=1, description="answers per prompt")
+    num_generations: int = Field(1, ge=1, le=MAX_COUNT, description="answers per prompt")
     temperature: float = Field(1.0, ge=0.0, description="sampling temperature; 0: greedy")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus sampling mass")
-    top_k: int | None = Field(None, ge=1, description="sample among the k most likely tokens")
-    max_new_tokens: int = Field(256, ge=1, description="tokens per answer at most")
-    max_prompt_length: int = Field(1024, ge=1, description="longer prompts are skipped (and counted)")
-    batch_size: int = Field(8, ge=1, description="prompts per generate call")
-    seed: int = Field(0, description="sampling seed (per batch)")
+    top_k: int | None = Field(None, ge=1, le=MAX_COUNT, description="sample among the k most likely tokens")
+    max_new_tokens: int = Field(256, ge=1, le=MAX_TOKENS, description="tokens per answer at most")
+    max_prompt_length: int = Field(1024, ge=1, le=MAX_TOKENS, description="longer prompts are skipped (and counted)")
+    batch_size: int = Field(8, ge=1, le=MAX_COUNT, description="prompts per generate call")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="sampling seed (per batch)")
     chat_template: bool = Field(True, description="render prompts with the chat template when there is one")
 
 
@@ -377,7 +396,7 @@ def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
     if not p.is_file():
         raise ConfigError(f"config file not found: {p} (give the path to a YAML file)")
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        data = yaml.safe_load(read_text_file(p, what="config file"))
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"{p}:{mark.line + 1}" if mark is not None else str(p)
@@ -387,6 +406,21 @@ def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: the top level must be a mapping of sections ({', '.join(SECTIONS)})")
     return data
+
+
+def read_text_file(path: Path, *, what: str) -> str:
+    """The UTF-8 text of a file the user gave, or one ConfigError line naming it: a YAML editor on
+    Windows may save Latin-1 or UTF-16, and a folder or unreadable file is not a config."""
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise ConfigError(f"cannot read the {what} {path}: {err.strerror or err}") from None
+    try:
+        return data.decode("utf-8-sig")  # -sig: a byte-order mark is not part of the YAML
+    except UnicodeDecodeError as err:
+        line = data[:err.start].count(b"\n") + 1
+        raise ConfigError(f"{path}:{line}: the {what} is not UTF-8 text (byte 0x{data[err.start]:02x} at offset "
+                          f"{err.start}): save it as UTF-8") from None
 
 
 def parse_value(text: str) -> Any:

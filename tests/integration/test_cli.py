@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 import tiny
+from tiny import assert_one_line_error
 
 
 def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 300):
@@ -44,16 +45,6 @@ def base_config(tmp_path: Path, teacher_dir: Path, data: Path, **changes) -> dic
             node = node.setdefault(key, {})
         node[leaf] = value
     return cfg
-
-
-def assert_one_line_error(proc, *fragments: str):
-    assert proc.returncode != 0, proc.stdout + proc.stderr
-    assert "Traceback" not in proc.stderr, proc.stderr
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("potstill: error:")]
-    assert len(errors) == 1, proc.stderr
-    for fragment in fragments:
-        assert fragment in errors[0], errors[0]
-    return errors[0]
 
 
 def test_version_and_help():

@@ -134,3 +134,42 @@ def test_a_teacher_cache_cannot_feed_feature_terms():
         load_config(None, BASE + ["student.name_or_path=s", "teacher.cache=c", "loss.hidden.weight=1"], env={})
     with pytest.raises(ConfigError, match="student.from_teacher needs teacher.name_or_path"):
         load_config(None, ["data.source=d", "teacher.cache=c"], env={})
+
+
+@pytest.mark.parametrize("override, fragments", [
+    ("train.lr=1e400", ["train.lr", "finite number", "'1e400'"]),  # parses to inf
+    ("loss.logits.temperature=.nan", ["loss.logits.temperature", "finite number"]),
+    ("train.max_steps=100000000000000000000", ["train.max_steps", "less than or equal to 2147483647"]),
+    ("train.batch_size=99999999999999999999999", ["train.batch_size", "less than or equal to"]),
+    ("data.max_length=1000000000", ["data.max_length", "less than or equal to 16777216"]),
+    ("train.seed=-1", ["train.seed", "greater than or equal to 0"]),
+    ("train.seed=4294967296", ["train.seed", "less than or equal to 4294967295"]),
+    ("train.epochs=1e300", ["train.epochs", "less than or equal to"]),
+    ("train.adam_betas=[0.9, 1.5]", ["train.adam_betas", "each beta must be in [0, 1)"]),
+])
+def test_overflowing_and_huge_numbers_are_one_line(override, fragments):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, BASE + [override], env={})
+    message = str(err.value)
+    assert "\n" not in message and f"override '{override}'" in message
+    for fragment in fragments:
+        assert fragment in message, message
+
+
+def test_largest_sensible_values_are_accepted():
+    cfg = load_config(None, BASE + ["train.seed=4294967295", "train.max_steps=2147483647", "train.lr=1e-30"], env={})
+    assert cfg.train.seed == 2**32 - 1 and cfg.train.max_steps == 2**31 - 1
+
+
+def test_non_utf8_yaml_is_one_line_naming_file_and_line(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("teacher: {name_or_path: t}\ndata: {source: d}\n# caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(ConfigError) as err:
+        load_config(path, [], env={})
+    assert str(err.value) == f"{path}:3: the config file is not UTF-8 text (byte 0xe9 at offset 50): save it as UTF-8"
+
+
+def test_yaml_with_byte_order_mark_is_read(tmp_path):
+    path = tmp_path / "bom.yaml"
+    path.write_bytes(b"\xef\xbb\xbfteacher: {name_or_path: t}\ndata: {source: d}\n")
+    assert load_config(path, [], env={}).teacher.name_or_path == "t"

@@ -433,3 +433,81 @@ def test_cache_root_from_environment(tokenizer, tmp_path, monkeypatch):
     monkeypatch.setenv("POTSTILL_CACHE", str(tmp_path / "env-cache"))
     train, _ = build_datasets(DataConfig(source=["Hello model."], validation_fraction=0), tokenizer, progress=False)
     assert train.cache_path.parent == tmp_path / "env-cache"
+
+
+# ----------------------------------------------------------------------------------------
+# Damaged inputs: torn files, damaged tokenized-data caches
+
+
+def test_error_torn_last_line_says_the_file_was_cut(tokenizer, tmp_path):
+    path = tmp_path / "torn.jsonl"
+    path.write_bytes(b'{"text": "One."}\n{"text": "Two."}\n{"text": "Thr')
+    msg = _error(lambda: build(path, tokenizer, tmp_path))
+    assert f"{path}:3:" in msg and "ends in the middle of this row" in msg
+
+
+def test_error_non_utf8_jsonl_names_the_line(tokenizer, tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(b'{"text": "One."}\n{"text": "caf\xe9"}\n')
+    msg = _error(lambda: build(path, tokenizer, tmp_path))
+    assert f"{path}:2:" in msg and "not UTF-8" in msg
+
+
+def _damage_cache_and_rebuild(tokenizer, tmp_path, caplog, damage):
+    """Build, damage the cache folder with ``damage(folder)``, build again: the rebuilt data equal the first."""
+    path = tiny.write_jsonl(tmp_path / "t.jsonl", [{"text": s} for s in tiny.synthetic_sentences(40, seed=4)])
+    first, _ = build(path, tokenizer, tmp_path, max_length=32)
+    expected = items(first)
+    folder = first.cache_path
+    del first
+    damage(folder)
+    with caplog.at_level(logging.WARNING, logger="potstill"):
+        again, _ = build(path, tokenizer, tmp_path, max_length=32)
+    assert items(again) == expected and again.cache_path == folder
+    assert f"ignoring the damaged data cache {folder}" in caplog.text
+    third, _ = build(path, tokenizer, tmp_path, max_length=32)  # the rebuilt folder is whole again
+    assert items(third) == expected
+
+
+def _truncate(name):
+    def damage(folder):
+        data = (folder / name).read_bytes()
+        (folder / name).write_bytes(data[: len(data) // 2])
+    return damage
+
+
+def _out_of_vocab_ids(folder):
+    tokens = np.load(folder / "tokens.npy")
+    tokens[3] = 10**6
+    np.save(folder / "tokens.npy", tokens)
+
+
+def _garbage_manifest(folder):
+    (folder / "manifest.json").write_bytes(b"\x00\x00\x00garbage")
+
+
+def _offsets_past_the_end(folder):
+    offsets = np.load(folder / "offsets.npy")
+    offsets[1] = offsets[-1] + 5
+    np.save(folder / "offsets.npy", offsets)
+
+
+@pytest.mark.parametrize("damage", [_truncate("tokens.npy"), _truncate("offsets.npy"), _out_of_vocab_ids,
+                                    _garbage_manifest, _offsets_past_the_end],
+                         ids=["truncated-tokens", "truncated-offsets", "ids-outside-vocab", "garbage-manifest",
+                              "offsets-past-end"])
+def test_damaged_cache_is_rebuilt(tokenizer, tmp_path, caplog, damage):
+    _damage_cache_and_rebuild(tokenizer, tmp_path, caplog, damage)
+
+
+def test_damaged_cache_holding_user_files_is_left_alone(tokenizer, tmp_path):
+    path = tiny.write_jsonl(tmp_path / "t.jsonl", [{"text": s} for s in tiny.synthetic_sentences(40, seed=4)])
+    first, _ = build(path, tokenizer, tmp_path, max_length=32)
+    folder = first.cache_path
+    del first
+    _truncate("loss.npy")(folder)
+    (folder / "notes.txt").write_text("mine")
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    msg = _error(lambda: build(path, tokenizer, tmp_path, max_length=32))
+    assert str(folder) in msg and "notes.txt" in msg and "data.cache_dir" in msg
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import sys
+from pathlib import Path
 
 from ..errors import PotstillError
 from ..version import __version__
@@ -49,16 +50,32 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .evaluate import evaluate
+    from ..atomic import atomic_write_text
+    from .evaluate import check_arguments, evaluate
 
+    # Before anything loads: a bad count or an unwritable --json must not cost a model load.
+    check_arguments(batch_size=args.batch_size, max_length=args.max_length, max_batches=args.max_batches,
+                    precision=args.precision)
+    if args.json:
+        check_output_file(args.json, "--json")
     result = evaluate(args.model, teacher=args.teacher, data=args.data, split=args.split,
                       max_length=args.max_length, batch_size=args.batch_size, max_batches=args.max_batches,
                       precision=args.precision, progress=not args.no_progress)
     print(format_table({"model": result}))
     if args.json:
-        with open(args.json, "w", encoding="utf-8") as fh:
-            json.dump(result, fh, indent=2)
+        atomic_write_text(args.json, json.dumps(result, indent=2))
     return 0
+
+
+def check_output_file(path: str, flag: str) -> None:
+    """A file the command will write at its end: its folder exists and it is not a folder itself."""
+    from ..errors import ConfigError
+
+    p = Path(path).expanduser()
+    if p.is_dir():
+        raise ConfigError(f"{flag} {path} is a folder: give a file name, e.g. {Path(path) / 'metrics.json'}")
+    if not p.parent.is_dir():
+        raise ConfigError(f"{flag} {path}: the folder {p.parent} does not exist: create it first")
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -177,8 +194,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _PotstillHandler(logging.StreamHandler):
+    """The handler of the "potstill" logger: potstill's own lines, prefixed "potstill: "."""
+
+
 def setup_logging(debug: bool) -> None:
-    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, format="potstill: %(message)s",
+    """potstill's own messages as "potstill: ..." lines on stderr; everything else (transformers,
+    torch, datasets, Python warnings) under its own logger name, so that no library's warning
+    reads as if potstill said it. Calling it again replaces the handler instead of adding one."""
+    level = logging.DEBUG if debug else logging.INFO
+    ours = logging.getLogger("potstill")
+    for old in [h for h in ours.handlers if isinstance(h, _PotstillHandler)]:
+        ours.removeHandler(old)
+    handler = _PotstillHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("potstill: %(message)s"))
+    ours.addHandler(handler)
+    ours.setLevel(level)
+    ours.propagate = False  # the root handler below would print each line a second time
+    # Other libraries: warnings and errors only (debug: everything), each line naming its logger.
+    logging.basicConfig(level=level if debug else logging.WARNING, format="%(name)s: %(levelname)s: %(message)s",
                         stream=sys.stderr)
     if not debug:
         os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")

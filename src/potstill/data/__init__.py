@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -37,7 +38,8 @@ from .sources import RawSource, load_rows, open_source
 from .tokenized import (FORMAT_VERSION, IGNORE_INDEX, TokenizedDataset, collate, count_loss_tokens, load_cache,
                         make_dataset, tokenizer_state)
 
-__all__ = ["build_datasets", "load_rows", "TokenizedDataset", "collate", "count_loss_tokens", "IGNORE_INDEX",
+__all__ = ["build_datasets", "plan_datasets", "require_eos", "load_rows", "TokenizedDataset", "collate",
+           "count_loss_tokens", "IGNORE_INDEX",
            "cache_root"]
 
 log = logging.getLogger("potstill")
@@ -53,15 +55,38 @@ def cache_root(cfg) -> Path:
 def build_datasets(cfg, tokenizer, *, seed: int = 0, progress: bool = True
                    ) -> tuple[TokenizedDataset, TokenizedDataset | None]:
     """Train and validation datasets (validation None when there is none to make)."""
+    require_eos(tokenizer)
+    builder = _Builder(cfg, tokenizer, progress)
+    built = {p.role: builder.build(p.role, p.source, p.plan, p.select) for p in plan_datasets(cfg, seed)}
+    return built["train"], built.get("validation")
+
+
+def require_eos(tokenizer) -> None:
+    """Examples are separated by EOS: a tokenizer without one cannot build the data."""
     if getattr(tokenizer, "eos_token_id", None) is None:
         raise DataError(f"the tokenizer ({type(tokenizer).__name__}) has no eos_token, which separates examples: "
                         "set tokenizer.eos_token (e.g. to its end-of-text token) before building the data")
-    builder = _Builder(cfg, tokenizer, progress)
+
+
+@dataclass
+class PlannedDataset:
+    """One dataset to build: its role, raw source, split plan (part of the cache key), and the
+    row indices it takes from the source (None: all of them)."""
+
+    role: str
+    source: RawSource
+    plan: str
+    select: Callable[[], np.ndarray] | None = None
+
+
+def plan_datasets(cfg, seed: int = 0) -> list[PlannedDataset]:
+    """The train (and validation) datasets ``cfg`` describes, sources opened (fingerprinted) but
+    not parsed; validation from its own source, a split of a hub dataset, or a seeded fraction."""
     source = open_source(cfg.source, cfg=cfg, split=cfg.split)
     if cfg.validation_source is not None:
         val_source = open_source(cfg.validation_source, cfg=cfg, split=cfg.validation_split or cfg.split,
                                  what="data.validation_source")
-        return builder.build("train", source, "all"), builder.build("validation", val_source, "all")
+        return [PlannedDataset("train", source, "all"), PlannedDataset("validation", val_source, "all")]
     if cfg.validation_split is not None:
         if source.kind not in ("hub", "dataset_dict", "builtin"):
             raise DataError(f"data.validation_split='{cfg.validation_split}' needs a hub dataset or DatasetDict "
@@ -71,9 +96,9 @@ def build_datasets(cfg, tokenizer, *, seed: int = 0, progress: bool = True
             raise DataError(f"data.validation_split equals data.split ('{cfg.split}'): the model would be "
                             "evaluated on its training rows; name another split")
         val_source = open_source(cfg.source, cfg=cfg, split=cfg.validation_split, what="data.validation_split")
-        return builder.build("train", source, "all"), builder.build("validation", val_source, "all")
+        return [PlannedDataset("train", source, "all"), PlannedDataset("validation", val_source, "all")]
     if cfg.validation_fraction <= 0:
-        return builder.build("train", source, "all"), None
+        return [PlannedDataset("train", source, "all")]
 
     split: dict[str, np.ndarray] = {}
 
@@ -83,8 +108,8 @@ def build_datasets(cfg, tokenizer, *, seed: int = 0, progress: bool = True
         return split[role]
 
     plan = f"fraction={cfg.validation_fraction!r}|seed={seed}"
-    return (builder.build("train", source, plan, lambda: indices("train")),
-            builder.build("validation", source, plan, lambda: indices("validation")))
+    return [PlannedDataset("train", source, plan, lambda: indices("train")),
+            PlannedDataset("validation", source, plan, lambda: indices("validation"))]
 
 
 def split_indices(n: int, fraction: float, seed: int, describe: str) -> dict[str, np.ndarray]:
@@ -115,7 +140,7 @@ class _Builder:
               select: Callable[[], np.ndarray] | None = None) -> TokenizedDataset:
         fp = self.fingerprint(role, source, plan)
         t0 = time.perf_counter()
-        ds = load_cache(self.root, fp)
+        ds = load_cache(self.root, fp, vocab_size=len(self.tok))
         if ds is not None:
             _summary(role, ds, f"cache hit {ds.cache_path}", time.perf_counter() - t0)
             return ds

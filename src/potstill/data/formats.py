@@ -82,6 +82,37 @@ def _required(fmt: str, cfg) -> list[tuple[str, str]]:
             }[fmt]
 
 
+def _format_of(rows, cfg, where: Callable[[int], str], describe: str, row_ids: np.ndarray) -> str:
+    """The rows' format, once the columns it needs are known to exist."""
+    columns = list(rows.column_names)
+    fmt = detect_format(columns, cfg, describe)
+    for col, opt in _required(fmt, cfg):
+        if col not in columns:
+            first = where(int(row_ids[0])) if len(rows) else describe
+            raise DataError(f"{first}: row has no '{col}' field (format '{fmt}'; the rows have columns: "
+                            f"{', '.join(columns) or 'none'}): set data.{opt} to the column that holds it")
+    return fmt
+
+
+def check_rows(rows, cfg, *, where: Callable[[int], str], describe: str = "the data") -> str:
+    """Raise the DataError that tokenizing would raise for a missing, null or mistyped field or a
+    malformed message, without a tokenizer: a cheap check of every row before any model loads.
+    Returns the format. (Chat-template failures need the tokenizer and surface when tokenizing.)"""
+    rows = rows.with_format(None)
+    row_ids = np.arange(len(rows))
+    fmt = _format_of(rows, cfg, where, describe, row_ids)
+    for start in range(0, len(rows), _BATCH):
+        batch = rows[start:start + _BATCH]
+        for j in range(len(batch[next(iter(batch))])):
+            r = start + j
+            if fmt == "text":
+                field_value(batch[cfg.text_field][j], cfg.text_field, "text_field", lambda r=r: where(r), (str,),
+                            "a string")
+            else:
+                row_messages(fmt, batch, j, lambda r=r: where(r), cfg)
+    return fmt
+
+
 def tokenize_rows(rows, cfg, tokenizer, *, where: Callable[[int], str], describe: str = "the data",
                   row_ids: np.ndarray | None = None, progress: bool = False, desc: str = "tokenizing") -> Encoded:
     """Format and tokenize every row of ``rows`` (a ``datasets.Dataset``); see the module doc."""
@@ -89,13 +120,8 @@ def tokenize_rows(rows, cfg, tokenizer, *, where: Callable[[int], str], describe
 
     rows = rows.with_format(None)  # plain Python values, whatever format the caller set
     columns = list(rows.column_names)
-    fmt = detect_format(columns, cfg, describe)
     row_ids = np.arange(len(rows)) if row_ids is None else row_ids
-    for col, opt in _required(fmt, cfg):
-        if col not in columns:
-            first = where(int(row_ids[0])) if len(rows) else describe
-            raise DataError(f"{first}: row has no '{col}' field (format '{fmt}'; the rows have columns: "
-                            f"{', '.join(columns) or 'none'}): set data.{opt} to the column that holds it")
+    fmt = _format_of(rows, cfg, where, describe, row_ids)
     enc = _Encoder(fmt, cfg, tokenizer, where)
     with tqdm(total=len(rows), desc=desc, unit="row", disable=not progress) as bar:
         for start in range(0, len(rows), _BATCH):
@@ -125,14 +151,7 @@ class _Encoder:
         return Encoded(tokens, loss, lengths, self.fmt, stats)
 
     def _value(self, batch: dict, col: str, opt: str, j: int, row_id: int, kinds: tuple, kind_name: str) -> Any:
-        value = batch[col][j]
-        if value is None:
-            raise DataError(f"{self.where(row_id)}: row has no '{col}' field (missing or null): add it to every "
-                            f"row, drop the row, or set data.{opt} to the column that holds it")
-        if not isinstance(value, kinds):
-            raise DataError(f"{self.where(row_id)}: field '{col}' is a {type(value).__name__}, expected {kind_name}: "
-                            "fix the row or set data.format")
-        return value
+        return field_value(batch[col][j], col, opt, lambda: self.where(row_id), kinds, kind_name)
 
     def _append(self, ids, mask, ends_in_eos: bool = False) -> None:
         ids, mask = list(ids), list(mask)
@@ -167,20 +186,7 @@ class _Encoder:
         self._chat_batch(convs)
 
     def _messages(self, batch: dict, j: int, r: int) -> list[dict]:
-        cfg = self.cfg
-        if self.fmt == "messages":
-            conv = self._value(batch, cfg.messages_field, "messages_field", j, r, (list, tuple), "a list of messages")
-            return [_check_message(m, k, self.where(r), cfg.messages_field) for k, m in enumerate(conv)]
-        if self.fmt == "sharegpt":
-            conv = self._value(batch, cfg.conversations_field, "conversations_field", j, r, (list, tuple),
-                               "a list of {from, value} turns")
-            return [_sharegpt_turn(t, k, self.where(r), cfg.conversations_field) for k, t in enumerate(conv)]
-        prompt = self._value(batch, cfg.prompt_field, "prompt_field", j, r, (str, list, tuple), "a string or messages")
-        completion = self._value(batch, cfg.completion_field, "completion_field", j, r, (str, list, tuple),
-                                 "a string or messages")
-        msgs = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-        msgs += [{"role": "assistant", "content": completion}] if isinstance(completion, str) else list(completion)
-        return [_check_message(m, k, self.where(r), cfg.prompt_field) for k, m in enumerate(msgs)]
+        return row_messages(self.fmt, batch, j, lambda: self.where(r), self.cfg)
 
     def _chat_batch(self, convs: list[tuple[int, list[dict]]]) -> None:
         if not convs:
@@ -230,6 +236,40 @@ class _Encoder:
             c_ids = list(c_ids) + [self.eos]
             p_mask = 0 if cfg.assistant_only_loss else 1
             self._append(list(p_ids) + c_ids, [p_mask] * len(p_ids) + [1] * len(c_ids))
+
+
+def field_value(value: Any, col: str, opt: str, where: Callable[[], str], kinds: tuple, kind_name: str) -> Any:
+    """``value`` of column ``col`` in one row, or the DataError naming the row (``where()``) and the
+    ``data.<opt>`` setting that picks the column."""
+    if value is None:
+        raise DataError(f"{where()}: row has no '{col}' field (missing or null): add it to every "
+                        f"row, drop the row, or set data.{opt} to the column that holds it")
+    if not isinstance(value, kinds):
+        raise DataError(f"{where()}: field '{col}' is a {type(value).__name__}, expected {kind_name}: "
+                        "fix the row or set data.format")
+    return value
+
+
+def row_messages(fmt: str, batch: dict, j: int, where: Callable[[], str], cfg) -> list[dict]:
+    """Row ``j`` of a chat-like batch as checked messages (messages, sharegpt, prompt_completion)."""
+    if fmt == "messages":
+        conv = field_value(batch[cfg.messages_field][j], cfg.messages_field, "messages_field", where, (list, tuple),
+                           "a list of messages")
+        at = where() if conv else ""
+        return [_check_message(m, k, at, cfg.messages_field) for k, m in enumerate(conv)]
+    if fmt == "sharegpt":
+        conv = field_value(batch[cfg.conversations_field][j], cfg.conversations_field, "conversations_field", where,
+                           (list, tuple), "a list of {from, value} turns")
+        at = where() if conv else ""
+        return [_sharegpt_turn(t, k, at, cfg.conversations_field) for k, t in enumerate(conv)]
+    prompt = field_value(batch[cfg.prompt_field][j], cfg.prompt_field, "prompt_field", where, (str, list, tuple),
+                         "a string or messages")
+    completion = field_value(batch[cfg.completion_field][j], cfg.completion_field, "completion_field", where,
+                             (str, list, tuple), "a string or messages")
+    msgs = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    msgs += [{"role": "assistant", "content": completion}] if isinstance(completion, str) else list(completion)
+    at = where()
+    return [_check_message(m, k, at, cfg.prompt_field) for k, m in enumerate(msgs)]
 
 
 def _check_message(m: Any, k: int, where: str, col: str) -> dict:

@@ -22,6 +22,7 @@ Accepted forms (``data.source`` and ``data.validation_source``):
 from __future__ import annotations
 
 import bisect
+import contextlib
 import csv
 import glob as globlib
 import hashlib
@@ -290,16 +291,29 @@ def _combine(subs: list[RawSource], describe: str, kind: str, limit: int | None)
 def _from_file(path: Path, cfg) -> RawSource:
     """One file, fingerprinted by its bytes (not its name or mtime)."""
     h = hashlib.sha256(b"file|" + path.suffix.lower().encode())
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
+    with _readable(path):
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
 
     def load(lim):
-        rows, lines = _read_file(path, cfg, lim)
-        ds = _to_dataset(rows, str(path)) if isinstance(rows, list) else rows
+        with _readable(path):
+            rows, lines = _read_file(path, cfg, lim)
+        ds = _to_dataset(rows, str(path), lines) if isinstance(rows, list) else rows
         return ds, [_Part(str(path), 0, len(ds), lines)]
 
     return RawSource(str(path), h.hexdigest(), load, kind="files")
+
+
+@contextlib.contextmanager
+def _readable(path: Path):
+    """A file that cannot be read (permissions, a vanished network mount, an I/O error on a bad
+    disk) is one DataError line naming it, not an OSError traceback."""
+    try:
+        yield
+    except OSError as err:
+        raise DataError(f"cannot read the data file {path}: {err.strerror or err}: check the file and its "
+                        "permissions") from None
 
 
 def _read_file(path: Path, cfg, limit: int | None):
@@ -341,6 +355,9 @@ def _jsonl_row(raw: bytes, where: str) -> dict | None:
     try:
         row = json.loads(raw)
     except json.JSONDecodeError as err:
+        if not raw.endswith(b"\n"):  # only the last line lacks its newline: the file was cut short
+            raise DataError(f"{where}: malformed JSON ({err.msg} at column {err.colno}): the file ends in the middle "
+                            "of this row (cut short while it was written?): complete or remove the last line") from None
         raise DataError(f"{where}: malformed JSON ({err.msg} at column {err.colno}): fix or remove that line "
                         "(JSONL needs one JSON object per line)") from None
     if not isinstance(row, dict):
@@ -406,15 +423,36 @@ def _read_parquet(path: Path, limit: int | None):
     return datasets.Dataset(datasets.table.InMemoryTable(table))
 
 
-def _to_dataset(rows: list[dict], name: str):
+def _to_dataset(rows: list[dict], name: str, lines: Sequence[int] | None = None):
     import datasets
     import pyarrow as pa
 
     try:
         return datasets.Dataset.from_list(rows)
     except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError) as err:
+        odd = _first_odd_type(rows)
+        if odd is not None:
+            i, key, got, expected = odd
+            where = f"{name}:{lines[i]} (row {i})" if lines is not None else f"{name}, row {i}"
+            raise DataError(f"{where}: inconsistent field types: '{key}' is a {got} where earlier rows hold a "
+                            f"{expected}: give each field the same type in every row") from None
         raise DataError(f"{name}: rows have inconsistent field types ({err}): give each field the same type "
                         "in every row") from None
+
+
+def _first_odd_type(rows: list[dict]) -> tuple[int, str, str, str] | None:
+    """(row, field, its type, the type earlier rows gave it) of the first top-level field whose type
+    differs from before (null aside; ints among floats are fine): the row Arrow could not store."""
+    seen: dict[str, tuple[type, str]] = {}
+    for i, row in enumerate(rows):
+        for key, value in row.items():
+            if value is None:
+                continue
+            kind = float if type(value) is int else type(value)
+            first, first_name = seen.setdefault(key, (kind, type(value).__name__))
+            if kind is not first:
+                return i, str(key), type(value).__name__, first_name
+    return None
 
 
 # ----------------------------------------------------------------------------------------

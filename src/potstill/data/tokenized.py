@@ -9,7 +9,9 @@ On disk, one folder per fingerprint under the cache root::
 
 Items are blocks of exactly ``max_length`` tokens (packing) or single truncated examples.
 Folders are written to a temporary name in the same parent, fsynced and renamed, so a
-folder that exists is complete; arrays are memory-mapped on load.
+folder that exists is complete; arrays are memory-mapped on load. A folder damaged later
+(truncated or overwritten files, ids outside the tokenizer's vocabulary) is found on load
+and rebuilt; one that also holds files potstill did not write is left alone, with one line.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from .formats import Encoded
 FORMAT_VERSION = 1
 IGNORE_INDEX = -100
 _ARRAYS = ("tokens", "loss", "offsets")
+CACHE_FILES = frozenset({f"{name}.npy" for name in _ARRAYS} | {"manifest.json"})  # what write_cache puts in a folder
 log = logging.getLogger("potstill")
 
 
@@ -71,14 +74,22 @@ class TokenizedDataset(torch.utils.data.Dataset):
         return {"input_ids": input_ids, "labels": labels}
 
     @classmethod
-    def load(cls, path: Path) -> "TokenizedDataset":
-        """Memory-map a cache folder (raises on anything incomplete or from another version)."""
-        manifest = json.loads((path / "manifest.json").read_text(encoding="utf-8"))
-        if manifest.get("version") != FORMAT_VERSION:
-            raise ValueError(f"cache format {manifest.get('version')} != {FORMAT_VERSION}")
-        arrays = {name: np.load(path / f"{name}.npy", mmap_mode="r") for name in _ARRAYS}
-        if len(arrays["tokens"]) != len(arrays["loss"]) or int(arrays["offsets"][-1]) != len(arrays["tokens"]):
-            raise ValueError("array lengths disagree")
+    def load(cls, path: Path, *, vocab_size: int | None = None) -> "TokenizedDataset":
+        """Memory-map a cache folder. Raises ValueError (or OSError) on anything incomplete, from
+        another version, or damaged: a truncated or garbage file, arrays that disagree with each other
+        or the manifest, and (with ``vocab_size``) token ids outside the vocabulary or loss flags
+        other than 0/1, which would otherwise crash or silently corrupt training."""
+        try:
+            manifest = json.loads((path / "manifest.json").read_text(encoding="utf-8"))
+        except UnicodeDecodeError as err:
+            raise ValueError(f"manifest.json is not UTF-8 ({err.reason})") from None
+        if not isinstance(manifest, dict) or manifest.get("version") != FORMAT_VERSION:
+            raise ValueError(f"cache format {manifest.get('version') if isinstance(manifest, dict) else None} "
+                             f"!= {FORMAT_VERSION}")
+        arrays = {name: np.load(path / f"{name}.npy", mmap_mode="r", allow_pickle=False) for name in _ARRAYS}
+        check_arrays(arrays, manifest)
+        if vocab_size is not None:
+            check_values(arrays, manifest, vocab_size)
         return cls(arrays["tokens"], arrays["loss"], arrays["offsets"], manifest, cache_path=path)
 
     # Workers started with spawn get the folder to re-map, not a copy of the arrays.
@@ -93,6 +104,50 @@ class TokenizedDataset(torch.utils.data.Dataset):
         if self.tokens is None:
             for name in _ARRAYS:
                 setattr(self, name, np.load(Path(self.cache_path) / f"{name}.npy", mmap_mode="r"))
+
+
+_DTYPES = {"tokens": np.int32, "loss": np.uint8, "offsets": np.int64}
+# Token-id and loss-flag scans of a cache hit read every byte once; past this many tokens only the
+# first and last half of it are read, so that a start is not a minute of disk reads.
+SCAN_TOKENS = 1 << 28
+
+
+def check_arrays(arrays: dict[str, np.ndarray], manifest: dict) -> None:
+    """Shapes, dtypes and offsets agree with each other and the manifest (cheap: no token is read)."""
+    for name, dtype in _DTYPES.items():
+        a = arrays[name]
+        if a.dtype != dtype or a.ndim != 1:
+            raise ValueError(f"{name}.npy holds {a.dtype} of {a.ndim} dims, not a 1-d {np.dtype(dtype)} array")
+    tokens, loss, offsets = arrays["tokens"], arrays["loss"], arrays["offsets"]
+    n_items, n_tokens = manifest.get("n_items"), manifest.get("n_tokens")
+    if len(tokens) != n_tokens or len(loss) != n_tokens:
+        raise ValueError(f"tokens.npy / loss.npy hold {len(tokens)} / {len(loss)} entries, "
+                         f"the manifest says {n_tokens}")
+    if len(offsets) != (n_items if isinstance(n_items, int) else -2) + 1 or len(offsets) < 2:
+        raise ValueError(f"offsets.npy holds {len(offsets)} entries for {n_items} items")
+    lengths = np.diff(offsets)
+    max_length = manifest.get("max_length")
+    if int(offsets[0]) != 0 or int(offsets[-1]) != n_tokens or not isinstance(max_length, int) or (
+            lengths.size and (int(lengths.min()) < 1 or int(lengths.max()) > max_length)):
+        raise ValueError("offsets.npy does not cut the tokens into items of 1..max_length tokens")
+    if not isinstance(manifest.get("fingerprint"), str) or not isinstance(manifest.get("n_loss_tokens"), int):
+        raise ValueError("the manifest lacks its fingerprint or n_loss_tokens")
+
+
+def check_values(arrays: dict[str, np.ndarray], manifest: dict, vocab_size: int) -> None:
+    """Token ids inside ``[0, vocab_size)`` and loss flags 0/1 summing to the manifest's count."""
+    tokens, loss = arrays["tokens"], arrays["loss"]
+    n = len(tokens)
+    half = SCAN_TOKENS // 2
+    parts = [slice(0, n)] if n <= SCAN_TOKENS else [slice(0, half), slice(n - half, n)]
+    for part in parts:
+        if n and (int(tokens[part].min()) < 0 or int(tokens[part].max()) >= vocab_size):
+            raise ValueError(f"tokens.npy holds ids outside the tokenizer's vocabulary of {vocab_size}")
+        if n and int(loss[part].max()) > 1:
+            raise ValueError("loss.npy holds values other than 0 and 1")
+    if len(parts) == 1 and int(loss.sum(dtype=np.int64)) != manifest["n_loss_tokens"]:
+        raise ValueError(f"loss.npy marks {int(loss.sum(dtype=np.int64))} tokens, the manifest says "
+                         f"{manifest['n_loss_tokens']}")
 
 
 def collate(examples: list[dict], pad_token_id: int | None) -> dict[str, torch.Tensor]:
@@ -171,30 +226,39 @@ def make_dataset(enc: Encoded, *, fingerprint: str, max_length: int, packing: bo
         try:
             path = write_cache(cache_root, fingerprint, arrays, manifest)
         except OSError as err:
-            log.warning("potstill: could not write the data cache under %s (%s); keeping the tokens in memory",
+            log.warning("could not write the data cache under %s (%s); keeping the tokens in memory",
                         cache_root, err)
     if path is not None:
         try:
             return TokenizedDataset.load(path)
         except (OSError, ValueError) as err:
             # The arrays are still in memory: train from them and say why the cache was not used.
-            log.warning("potstill: could not read back the data cache %s (%s); keeping the tokens in memory",
+            log.warning("could not read back the data cache %s (%s); keeping the tokens in memory",
                         path, err)
     return TokenizedDataset(tokens, loss, offsets, manifest, cache_path=None)
 
 
-def load_cache(cache_root: Path, fingerprint: str) -> TokenizedDataset | None:
-    """The cached dataset for ``fingerprint``, or None; a broken folder is removed."""
+def load_cache(cache_root: Path, fingerprint: str, *, vocab_size: int | None = None) -> TokenizedDataset | None:
+    """The cached dataset for ``fingerprint``, or None. A damaged folder (truncated or garbage
+    files, ids outside ``vocab_size``) is removed so that it is rebuilt, but only when it holds
+    nothing but the files potstill writes there; anything else in it is the user's, and the
+    damage is one DataError line instead."""
     path = cache_root / fingerprint
     if not path.is_dir():
         return None
     try:
-        ds = TokenizedDataset.load(path)
+        ds = TokenizedDataset.load(path, vocab_size=vocab_size)
         if ds.fingerprint != fingerprint:
             raise ValueError("fingerprint mismatch")
         return ds
-    except (OSError, ValueError, KeyError) as err:
-        log.warning("potstill: ignoring unreadable data cache %s (%s); rebuilding", path, err)
+    except (OSError, ValueError, KeyError, TypeError, EOFError) as err:
+        reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        foreign = sorted(p.name for p in path.iterdir() if p.name not in CACHE_FILES)
+        if foreign:
+            raise DataError(f"the tokenized-data cache {path} is damaged ({reason}) and holds files potstill did "
+                            f"not write ({', '.join(foreign[:3])}): move that folder away, or set data.cache_dir "
+                            "to another folder") from None
+        log.warning("ignoring the damaged data cache %s (%s); rebuilding it", path, reason)
         shutil.rmtree(path, ignore_errors=True)
         return None
 

@@ -6,7 +6,12 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
+import difflib
+import inspect
 import logging
+import re
+from functools import lru_cache
 from typing import Any
 
 import torch
@@ -17,18 +22,21 @@ from ..errors import ModelError
 from .bitnet import apply_student_config
 from .int4 import dequantized_state_dict
 from .layers import decoder_layers, num_layers
-from .loading import first_line, load_causal_lm, load_tokenizer
+from .loading import load_causal_lm, load_tokenizer, one_line
 
 log = logging.getLogger("potstill")
 
 
-def load_student(cfg: StudentConfig, *, teacher: nn.Module | None, teacher_tokenizer) -> tuple[nn.Module, Any]:
-    """(trainable student in float32, tokenizer) from a path/object, a config, or the teacher's layers."""
+def load_student(cfg: StudentConfig, *, teacher: nn.Module | None, teacher_tokenizer,
+                 tokenizer: Any = None) -> tuple[nn.Module, Any]:
+    """(trainable student in float32, tokenizer) from a path/object, a config, or the teacher's layers.
+
+    ``tokenizer``: the student's tokenizer, already loaded (by :func:`~.preflight.preflight`);
+    else it is loaded here from ``student.tokenizer``, the student's folder, or the teacher's."""
     if cfg.name_or_path is not None:
         model = load_causal_lm(cfg.name_or_path, revision=cfg.revision, dtype=torch.float32,
                                trust_remote_code=cfg.trust_remote_code, role="student")
-        tok_ref = cfg.tokenizer if cfg.tokenizer is not None else (
-            cfg.name_or_path if isinstance(cfg.name_or_path, str) else None)
+        tok_ref = student_tokenizer_ref(cfg)
     elif cfg.from_teacher is not None:
         if teacher is None:
             raise ModelError("student.from_teacher needs a teacher: set teacher.name_or_path")
@@ -38,13 +46,8 @@ def load_student(cfg: StudentConfig, *, teacher: nn.Module | None, teacher_token
     else:
         model = student_from_config(cfg.config or {}, teacher=teacher, tokenizer=teacher_tokenizer)
         tok_ref = cfg.tokenizer
-    if tok_ref is None:
-        if teacher_tokenizer is None:
-            raise ModelError("the student has no tokenizer: set student.tokenizer (or give a teacher)")
-        tokenizer = teacher_tokenizer
-    else:
-        tokenizer = load_tokenizer(tok_ref, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code,
-                                   role="student")
+    if tokenizer is None:
+        tokenizer = student_tokenizer(cfg, tok_ref, teacher_tokenizer)
     model = apply_student_config(model, cfg)  # student.bitnet: ternary linear layers
     model = model.float()
     model.train()
@@ -63,6 +66,23 @@ def load_student(cfg: StudentConfig, *, teacher: nn.Module | None, teacher_token
         if getattr(model, "config", None) is not None:
             model.config.use_cache = False
     return model, tokenizer
+
+
+def student_tokenizer_ref(cfg: StudentConfig) -> Any:
+    """What the student's tokenizer is loaded from: student.tokenizer, else the student's own
+    folder / hub id; None means the teacher's tokenizer."""
+    if cfg.tokenizer is not None:
+        return cfg.tokenizer
+    return cfg.name_or_path if isinstance(cfg.name_or_path, str) else None
+
+
+def student_tokenizer(cfg: StudentConfig, tok_ref: Any, teacher_tokenizer) -> Any:
+    """The student's tokenizer: loaded from ``tok_ref``, else the teacher's."""
+    if tok_ref is None:
+        if teacher_tokenizer is None:
+            raise ModelError("the student has no tokenizer: set student.tokenizer (or give a teacher)")
+        return teacher_tokenizer
+    return load_tokenizer(tok_ref, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, role="student")
 
 
 def select_layers(total: int, layers: list[int] | None, every: int | None) -> list[int]:
@@ -108,22 +128,106 @@ def student_from_teacher(teacher: nn.Module, layers: list[int]) -> nn.Module:
 
 def student_from_config(fields: dict[str, Any], *, teacher: nn.Module | None, tokenizer) -> nn.Module:
     """A randomly initialized model from config fields; model_type and vocab default to the teacher's."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     fields = dict(fields)
     model_type = fields.pop("model_type", None) or getattr(getattr(teacher, "config", None), "model_type", None)
     if model_type is None:
         raise ModelError("student.config needs a model_type (e.g. llama) when there is no teacher to copy it from")
+    fields = complete_student_fields(fields, model_type, vocab_size=(
+        teacher.config.vocab_size if teacher is not None else None), tokenizer=tokenizer)
+    config = build_student_config(model_type, fields)
+    try:
+        return AutoModelForCausalLM.from_config(config)
+    except (ValueError, TypeError, KeyError, AssertionError) as err:
+        raise ModelError(f"cannot build the student from student.config ({model_type}): {one_line(err)}") from None
+
+
+def complete_student_fields(fields: dict[str, Any], model_type: str, *, vocab_size: int | None,
+                            tokenizer) -> dict[str, Any]:
+    """``student.config`` (without model_type) checked for unknown names, with the vocabulary size
+    (the teacher's, else the tokenizer's) and special token ids (the tokenizer's) filled in."""
+    check_config_fields(fields, model_type)
+    fields = dict(fields)
     if "vocab_size" not in fields:
-        if teacher is not None:
-            fields["vocab_size"] = teacher.config.vocab_size
+        if vocab_size is not None:
+            fields["vocab_size"] = vocab_size
         elif tokenizer is not None:
             fields["vocab_size"] = len(tokenizer)
     if tokenizer is not None:
         for attr in ("bos_token_id", "eos_token_id", "pad_token_id"):
             fields.setdefault(attr, getattr(tokenizer, attr, None))
+    return fields
+
+
+def build_student_config(model_type: str, fields: dict[str, Any]):
+    """``AutoConfig.for_model(model_type, **fields)``, its validation errors as one ModelError line."""
+    from transformers import AutoConfig
+
     try:
-        config = AutoConfig.for_model(model_type, **fields)
-        return AutoModelForCausalLM.from_config(config)
-    except (ValueError, TypeError, KeyError) as err:
-        raise ModelError(f"cannot build the student from student.config ({model_type}): {first_line(err)}") from None
+        return AutoConfig.for_model(model_type, **fields)
+    except Exception as err:  # noqa: BLE001 - ValueError, TypeError, and huggingface_hub's StrictDataclassError
+        if not isinstance(err, (ValueError, TypeError, KeyError, AssertionError)) and \
+                "StrictDataclassError" not in {c.__name__ for c in type(err).__mro__}:
+            raise
+        raise ModelError(f"cannot build the student from student.config ({model_type}): {one_line(err)}") from None
+
+
+# Keyword arguments every config class takes through **kwargs but that are loader options, not
+# model settings: accepting them in student.config would silently do nothing.
+_LOADER_KWARGS = frozenset({"cache_dir", "force_download", "proxies", "token", "local_files_only", "revision",
+                            "subfolder", "trust_remote_code", "return_unused_kwargs", "gguf_file", "commit_message",
+                            "repo_id", "use_auth_token", "resume_download"})
+
+
+def check_config_fields(fields: dict[str, Any], model_type: str) -> None:
+    """Refuse ``student.config`` names that the model type's config class does not know.
+
+    transformers keeps unknown keyword arguments as plain attributes, so a typo
+    (``hiden_size``) would build the model from the default silently."""
+    known = config_field_names(model_type)
+    unknown = [str(k) for k in fields if str(k) not in known]
+    if not unknown:
+        return
+    name = unknown[0]
+    close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.6)
+    hint = f"did you mean 'student.config.{close[0]}'?" if close else (
+        f"the {model_type} config takes: {', '.join(sorted(k for k in known if not k.startswith('_'))[:40])}, ...")
+    more = f" (and {len(unknown) - 1} more: {', '.join(unknown[1:4])})" if len(unknown) > 1 else ""
+    raise ModelError(f"student.config.{name} is not a setting of the {model_type} model config{more}: {hint}")
+
+
+@lru_cache(maxsize=16)
+def config_field_names(model_type: str) -> frozenset[str]:
+    """Every name a ``model_type`` config takes: its class's __init__ parameters and dataclass
+    fields, attribute_map aliases, the attributes of a default instance, and the keyword arguments
+    the base classes read from **kwargs (e.g. ``rope_theta``, ``torch_dtype``)."""
+    from transformers import AutoConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    if model_type not in CONFIG_MAPPING:
+        close = difflib.get_close_matches(model_type, list(CONFIG_MAPPING.keys()), n=1, cutoff=0.6)
+        raise ModelError(f"student.config.model_type '{model_type}' is not a model type transformers knows"
+                         + (f": did you mean '{close[0]}'?" if close else ": e.g. llama, qwen2, gpt2"))
+    cls = CONFIG_MAPPING[model_type]
+    names: set[str] = {"model_type"}
+    for klass in cls.__mro__:
+        if klass is object:
+            continue
+        init = klass.__dict__.get("__init__")
+        if init is not None:
+            names.update(p for p in inspect.signature(init).parameters if p not in ("self", "kwargs", "args"))
+        names.update(getattr(klass, "attribute_map", {}) or {})
+        try:
+            source = inspect.getsource(klass)
+        except (OSError, TypeError):
+            continue
+        names.update(re.findall(r'kwargs(?:\.pop|\.get|\.setdefault)\(\s*["\'](\w+)["\']', source))
+        names.update(re.findall(r'["\'](\w+)["\'] in kwargs', source))
+    if dataclasses.is_dataclass(cls):
+        names.update(f.name for f in dataclasses.fields(cls))
+    try:
+        names.update(AutoConfig.for_model(model_type).to_dict())
+    except Exception:  # noqa: BLE001 - a config class without usable defaults: the names above remain
+        pass
+    return frozenset(n for n in names if n not in _LOADER_KWARGS and not n.startswith("_"))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from ..config import TeacherConfig
@@ -17,8 +19,9 @@ def teacher_dtype(setting: str, compute: torch.dtype | None) -> torch.dtype:
     return DTYPES[setting]
 
 
-def load_teacher(cfg: TeacherConfig, *, dtype: torch.dtype | None):
-    """(frozen teacher model, tokenizer). The tokenizer defaults to the model's own."""
+def load_teacher(cfg: TeacherConfig, *, dtype: torch.dtype | None, tokenizer: Any = None):
+    """(frozen teacher model, tokenizer). The tokenizer defaults to the model's own; ``tokenizer``
+    is one already loaded (by :func:`~.preflight.preflight`), so it is not loaded twice."""
     if cfg.quantization != "none":
         from .quantize import load_quantized_teacher
 
@@ -28,9 +31,14 @@ def load_teacher(cfg: TeacherConfig, *, dtype: torch.dtype | None):
                                trust_remote_code=cfg.trust_remote_code, role="teacher")
     if dtype is not None and not isinstance(cfg.name_or_path, str) and cfg.quantization == "none":
         model = model.to(dtype)
+    if tokenizer is None:
+        tokenizer = teacher_tokenizer(cfg)
+    return freeze(model), tokenizer
+
+
+def teacher_tokenizer(cfg: TeacherConfig) -> Any:
+    """The teacher's tokenizer: teacher.tokenizer, else the teacher's own folder / hub id."""
     tok_ref = cfg.tokenizer if cfg.tokenizer is not None else cfg.name_or_path
     if not isinstance(tok_ref, str) and cfg.tokenizer is None:
         raise ModelError("teacher.name_or_path is an object: also give teacher.tokenizer (a tokenizer or its path)")
-    tokenizer = load_tokenizer(tok_ref, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code,
-                               role="teacher")
-    return freeze(model), tokenizer
+    return load_tokenizer(tok_ref, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, role="teacher")

@@ -22,15 +22,18 @@ from torch import nn
 from ..config import DistillConfig
 from ..data import build_datasets
 from ..data.batching import StepBatcher
+from ..data.preflight import warn_about_datasets
 from ..errors import ConfigError, ModelError
 from ..features.distiller import FeatureDistiller
 from ..models.heads import HeadParams
 from ..models.hidden import supports_chunked
 from ..models.precision import autocast_context, compute_dtype
+from ..models.preflight import Preflight, preflight
 from ..models.students import load_student
 from ..models.teacher_model import load_teacher, teacher_dtype
 from ..models.vocab import check_vocab
 from ..teachers import Teacher, build_teacher
+from ..teachers.cache_format import check_manifest, read_manifest
 from .forward import StudentForward
 from .objective import Objective
 from .tokens import TokenSource
@@ -78,11 +81,30 @@ class Run:
 
 
 def build_run(cfg: DistillConfig, accelerator, precision: str, run_dir: Path, *, progress: bool) -> Run:
-    """Load and build everything in the order the run's randomness depends on (models, then
-    data, then the optimizer), so a run and its resumed continuation start identically."""
+    """Check, then build everything: cheap before costly, so that a mistake in the config, a
+    tokenizer, a model folder or the data is one line before any model loads.
+
+    preflight (config, tokenizers, model folders), data (tokenized, or a cache hit), models,
+    optimizer. Tokenizing draws no random numbers (the validation split has its own seeded
+    generator), so the models are initialized from the same random state as before it, and a
+    run and its resumed continuation start identically."""
     device = accelerator.device
     autocast = autocast_context(precision, device)
-    teacher_model, student, tokenizer, shared_vocab = load_models(cfg, precision)
+    # Data are tokenized next, before any model loads: that checks every row, so preflight need not.
+    checked = preflight(cfg, role="distill", check_data=False)
+    if cfg.teacher.cache is not None:  # its manifest, before the data and the student: a missing cache is one line
+        check_manifest(Path(cfg.teacher.cache), read_manifest(Path(cfg.teacher.cache)))
+    with accelerator.main_process_first():
+        train_ds, val_ds = build_datasets(cfg.data, checked.tokenizer, seed=cfg.train.seed,
+                                          progress=progress and accelerator.is_main_process)
+    tc = cfg.train
+    batcher = StepBatcher(len(train_ds), batch_size=tc.batch_size, grad_accum=tc.grad_accum,
+                          world_size=accelerator.num_processes, rank=accelerator.process_index, seed=tc.seed)
+    max_steps = tc.max_steps or batcher.steps_for_epochs(tc.epochs)
+    if accelerator.is_main_process:
+        warn_about_datasets(train_ds, val_ds, epochs=batcher.epoch_of(max_steps))
+
+    teacher_model, student, tokenizer, shared_vocab = load_models(cfg, precision, checked)
     features = FeatureDistiller.build(cfg.loss, teacher_model, student, seed=cfg.train.seed)
     if features is not None:
         features.to(device)
@@ -94,16 +116,8 @@ def build_run(cfg: DistillConfig, accelerator, precision: str, run_dir: Path, *,
              type(teacher_model).__name__ if teacher_model is not None else "none",
              precision, device, accelerator.num_processes)
 
-    with accelerator.main_process_first():
-        train_ds, val_ds = build_datasets(cfg.data, tokenizer, seed=cfg.train.seed,
-                                          progress=progress and accelerator.is_main_process)
     teacher = build_teacher(cfg, model=teacher_model, student=student, tokenizer=tokenizer, train_ds=train_ds,
                             features=features, autocast=autocast)
-    tc = cfg.train
-    batcher = StepBatcher(len(train_ds), batch_size=tc.batch_size, grad_accum=tc.grad_accum,
-                          world_size=accelerator.num_processes, rank=accelerator.process_index, seed=tc.seed)
-    max_steps = tc.max_steps or batcher.steps_for_epochs(tc.epochs)
-
     optimizer, scheduler = build_optimizer(cfg, student, features, max_steps)
     wrapped, optimizer = accelerator.prepare(student, optimizer)
     raw_student = accelerator.unwrap_model(wrapped)
@@ -117,17 +131,21 @@ def build_run(cfg: DistillConfig, accelerator, precision: str, run_dir: Path, *,
                optimizer=optimizer, scheduler=scheduler, shared_vocab=shared_vocab, n_params=n_params)
 
 
-def load_models(cfg: DistillConfig, precision: str) -> tuple[nn.Module | None, nn.Module, Any, int | None]:
+def load_models(cfg: DistillConfig, precision: str, checked: Preflight | None = None
+                ) -> tuple[nn.Module | None, nn.Module, Any, int | None]:
     """(frozen teacher model or None, trainable student, tokenizer, shared vocabulary or None).
 
-    A teacher cache replaces the teacher model. A teacher whose vocabulary differs from the
-    student's is refused where a logit or feature term needs it, else dropped (no evaluation
-    against it)."""
+    ``checked``: what :func:`~potstill.models.preflight.preflight` loaded (the tokenizers); run
+    here when not given. A teacher cache replaces the teacher model. A teacher whose vocabulary
+    differs from the student's is refused where a logit or feature term needs it, else dropped
+    (no evaluation against it)."""
+    checked = checked or preflight(cfg, role="distill", check_data=False)
     teacher, teacher_tok = None, None
     if cfg.teacher.name_or_path is not None and cfg.teacher.cache is None:
-        teacher, teacher_tok = load_teacher(cfg.teacher,
-                                            dtype=teacher_dtype(cfg.teacher.dtype, compute_dtype(precision)))
-    student, tokenizer = load_student(cfg.student, teacher=teacher, teacher_tokenizer=teacher_tok)
+        dtype = teacher_dtype(cfg.teacher.dtype, compute_dtype(precision))
+        teacher, teacher_tok = load_teacher(cfg.teacher, dtype=dtype, tokenizer=checked.teacher_tokenizer)
+    student, tokenizer = load_student(cfg.student, teacher=teacher, teacher_tokenizer=teacher_tok,
+                                      tokenizer=checked.tokenizer)
     shared_vocab = None
     if teacher is not None:
         try:
