@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -10,14 +11,18 @@ from safetensors.torch import load_file
 
 import potstill
 import potstill.training.checkpoint
-from potstill.models.bitnet import BitLinear
+import tiny
+from potstill.commands.export import export_packed
+from potstill.models.bitnet import BitLinear, convert_to_bitnet
 from potstill.config import TeacherConfig
-from potstill.errors import ConfigError, ModelError
+from potstill.errors import ConfigError, ModelError, RunDirError
+from potstill.ownership import mark_owned, owner_kind
 from potstill.models.loading import load_causal_lm
 from potstill.models.teacher_model import load_teacher
 from potstill.models.quantize import model_bytes
 
 from test_cli import assert_one_line_error, base_config, run_cli, write_config
+from test_teacher_cache import read_only_folder, small_disk, tree
 
 
 @pytest.fixture(autouse=True)
@@ -179,3 +184,128 @@ def test_int8_teacher_run_distills(tmp_path, teacher_dir, text_jsonl, student):
     losses = [r["loss"] for r in map(json.loads, result.metrics_path.read_text().splitlines()) if "loss" in r]
     assert len(losses) == 6 and all(l == l for l in losses) and losses[-1] < losses[0]
     assert result.final_eval["kl"] > 0 and result.final_eval["teacher_ppl"] > 1
+
+
+# ----------------------------------------------------------------------------------------
+# export never destroys a folder it did not write, nor its own input
+
+
+def _bitnet_run(path, tokenizer):
+    """A run directory whose student/ is a BitNet student (untrained: export only packs it)."""
+    model = tiny.build_llama(None, len(tokenizer), hidden_size=32, layers=2, intermediate=64, seed=3)
+    convert_to_bitnet(model)
+    model.save_pretrained(path / "student")
+    tokenizer.save_pretrained(path / "student")
+    mark_owned(path, "run")
+    return path
+
+
+def test_export_replaces_only_an_earlier_export(tmp_path, tokenizer):
+    run = _bitnet_run(tmp_path / "run", tokenizer)
+    packed = run / "bitnet"
+    assert export_packed(run)["out"] == str(packed) and owner_kind(packed) == "export"
+    export_packed(run, dtype="bfloat16")  # an earlier export: replaced
+    assert json.loads((packed / "bitnet.json").read_text())["other_tensors_dtype"] == "bfloat16"
+    assert sorted(p.name for p in run.iterdir()) == [".potstill-owned", "bitnet", "student"]  # no temporaries
+    (packed / "README.md").write_text("my model card")
+    before = tree(tmp_path)
+    with pytest.raises(RunDirError, match=r"--out .*bitnet is an earlier export but also holds README\.md, which "
+                                          "potstill export did not write"):
+        export_packed(run)
+    assert tree(tmp_path) == before
+    # An export written before exports carried the mark is known by its bitnet.json; an empty folder holds nothing.
+    (packed / "README.md").unlink()
+    (packed / ".potstill-owned").unlink()
+    export_packed(run)
+    (tmp_path / "empty").mkdir()
+    export_packed(run, tmp_path / "empty")
+    assert owner_kind(packed) == owner_kind(tmp_path / "empty") == "export"
+
+
+@pytest.mark.parametrize("case", ["user-folder", "potstill-cache", "file", "parent-is-file", "run", "student",
+                                  "contains-run", "inside-student", "inside-checkpoint"])
+def test_export_refuses_a_folder_it_does_not_own_and_its_own_input(tmp_path, tokenizer, case):
+    run = _bitnet_run(tmp_path / "run", tokenizer)
+    (run / "checkpoints" / "step-000001").mkdir(parents=True)
+    (run / "checkpoints" / "step-000001" / "model.safetensors").write_bytes(b"weights")
+    mine = tmp_path / "mine"
+    if case in ("file", "parent-is-file"):
+        mine.write_text("a file of mine")
+    elif case in ("user-folder", "potstill-cache"):
+        mine.mkdir()
+        (mine / "notes.txt").write_text("mine")
+        if case == "potstill-cache":
+            mark_owned(mine, "cache")
+    out, says = {
+        "user-folder": (mine, "already exists and was not written by potstill export"),
+        "potstill-cache": (mine, "already exists and holds a potstill cache"),
+        "file": (mine, "is a file, not a folder"),
+        "parent-is-file": (mine / "packed", f"{mine} is a file, not a folder"),
+        "run": (run, "is or contains the run directory"),
+        "student": (run / "student", "is or contains the student folder"),
+        "contains-run": (tmp_path, "is or contains the run directory"),
+        "inside-student": (run / "student" / "bitnet", "lies inside the student folder"),
+        "inside-checkpoint": (run / "checkpoints" / "bitnet", "lies inside the run directory"),
+    }[case]
+    before = tree(tmp_path)
+    with pytest.raises(RunDirError, match=f"--out {re.escape(str(out))}.*{re.escape(says)}"):
+        export_packed(run, out)
+    assert tree(tmp_path) == before
+    # The student folder exported directly: the same rules, with the student as the input.
+    if case in ("student", "inside-student"):
+        with pytest.raises(RunDirError, match="the student folder"):
+            export_packed(run / "student", out)
+        assert tree(tmp_path) == before
+
+
+def test_export_to_a_full_disk_is_one_line_and_leaves_no_temporary_folder(tmp_path, tokenizer):
+    run = _bitnet_run(tmp_path / "run", tokenizer)
+    disk = tmp_path / "disk"
+    with small_disk(disk, 48) as resize:
+        with pytest.raises(RunDirError, match=f"potstill export: writing {re.escape(str(disk / 'packed'))}: no space "
+                                              r"left on the device( \(.*\))?; free space or choose another --out"):
+            export_packed(run, disk / "packed")
+        assert list(disk.iterdir()) == []
+        resize(4096)
+        export_packed(run, disk / "packed")
+        assert owner_kind(disk / "packed") == "export" and sorted(p.name for p in disk.iterdir()) == ["packed"]
+
+
+def test_export_errors_about_the_output_folder_are_one_line(tmp_path, tokenizer):
+    run = _bitnet_run(tmp_path / "run", tokenizer)
+    before = tree(tmp_path)
+    assert_one_line_error(run_cli("export", str(run), "--bitnet", "--out", str(run / "student")),
+                          f"--out {run / 'student'} is or contains the student folder")
+    with read_only_folder(tmp_path / "ro") as ro:
+        assert_one_line_error(run_cli("export", str(run), "--bitnet", "--out", str(ro / "packed")),
+                              f"cannot write in {ro} (read-only or no permission)")
+    assert tree(tmp_path) == before
+
+
+@pytest.mark.parametrize("damage, says", [
+    (lambda m: [m], "bitnet.json is damaged (not a JSON object)"),
+    (lambda m: {**m, "modules": None}, "bitnet.json is damaged (its modules and their shapes are missing"),
+    (lambda m: {**m, "modules": {k: {"shape": "32x32"} for k in m["modules"]}}, "bitnet.json is damaged"),
+    (lambda m: {**m, "modules": {k: {**v, "shape": [v["shape"][1], v["shape"][0] * 2]} for k, v in
+                                 m["modules"].items()}}, "does not fit its shape"),
+])
+def test_damaged_packed_folder_is_one_line(tmp_path, tokenizer, damage, says):
+    from potstill.models.bitnet import load_packed
+
+    run = _bitnet_run(tmp_path / "run", tokenizer)
+    packed = run / "bitnet"
+    export_packed(run)
+    manifest = json.loads((packed / "bitnet.json").read_text())
+    (packed / "bitnet.json").write_text(json.dumps(damage(manifest)))
+    with pytest.raises(ModelError, match=re.escape(says)):
+        load_packed(packed)
+
+
+def test_damaged_packed_weights_are_one_line_in_evaluate(tmp_path, tokenizer, text_jsonl):
+    run = _bitnet_run(tmp_path / "run", tokenizer)
+    packed = run / "bitnet"
+    export_packed(run)
+    data = (packed / "model.safetensors").read_bytes()
+    (packed / "model.safetensors").write_bytes(data[: len(data) // 2])
+    proc = run_cli("evaluate", str(packed), "--data", str(text_jsonl), "--max-batches", "1", "--no-progress")
+    assert_one_line_error(proc, str(packed), "model.safetensors")

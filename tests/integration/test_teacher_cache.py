@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,7 +21,8 @@ import yaml
 import potstill.teachers.cache_format as fmt
 from potstill.teachers.cache_format import CacheError, CacheReader
 from potstill.teachers.capture import cache_teacher
-from potstill.errors import ConfigError
+from potstill.errors import ConfigError, RunDirError
+from potstill.ownership import mark_owned, owner_kind
 from potstill.commands.distill import distill
 
 import tiny
@@ -273,3 +278,208 @@ def test_cache_loss_path_falls_back_or_refuses(captured, tmp_path, caplog):
                                           "loss.logits.divergence=rkl: the sparse loss has no chunked form"):
         distill(cfg, overrides=[f"teacher.cache={folder}", "teacher.name_or_path=null", "loss.logits.divergence=rkl",
                                 "loss.path=chunked", f"output.dir={tmp_path / 'forced'}"], progress=False)
+
+
+# ----------------------------------------------------------------------------------------
+# The cache folder is potstill's own: overwrite, other people's folders, inputs, full and read-only disks
+
+
+def tree(folder: Path) -> dict:
+    """Every file under ``folder`` (relative path -> bytes), to show that a refusal changed nothing."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@contextlib.contextmanager
+def small_disk(path: Path, kib: int, *, read_only: bool = False):
+    """A real, separate file system of ``kib`` KiB at ``path`` (a tmpfs), so that "no space left" and
+    "read-only file system" come from the kernel. Needs the right to mount (root in a container);
+    elsewhere the test is skipped. ``resize(kib)`` on the yielded object frees space."""
+    if shutil.which("mount") is None or os.geteuid() != 0:
+        pytest.skip("mounting a small file system needs root")
+    path.mkdir(parents=True, exist_ok=True)
+    options = f"size={kib}k" + (",ro" if read_only else "")
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a small file system here: {proc.stderr.strip()}")
+
+    def resize(new_kib: int) -> None:
+        subprocess.run(["mount", "-o", f"remount,size={new_kib}k", str(path)], check=True)
+
+    try:
+        yield resize
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+@contextlib.contextmanager
+def read_only_folder(path: Path):
+    """An empty folder nothing can be written in: a read-only file system as root (who ignores
+    permissions), else a folder without write permission."""
+    if os.geteuid() == 0:
+        with small_disk(path, 64, read_only=True):
+            yield path
+        return
+    path.mkdir(parents=True, exist_ok=True)
+    path.chmod(0o555)
+    try:
+        yield path
+    finally:
+        path.chmod(0o755)
+
+
+def _capture(cfg, *overrides):
+    return cache_teacher(cfg, overrides=list(overrides), progress=False)
+
+
+def test_overwrite_replaces_only_the_files_a_capture_wrote(captured, tmp_path):
+    cfg, first = captured
+    folder = Path(cfg["cache"]["dir"])
+    assert owner_kind(folder) == "cache"
+    (folder / "notes.txt").write_text("my notes on this cache")
+    (folder / "plots").mkdir()
+    (folder / "plots" / "loss.png").write_bytes(b"\x89PNG mine")
+    mine = {k: v for k, v in tree(folder).items() if k in ("notes.txt", "plots/loss.png")}
+    with pytest.raises(CacheError, match="differs in: k"):
+        _capture(cfg, "cache.k=4")
+    second = _capture(cfg, "cache.k=4", "cache.overwrite=true")
+    assert second["k"] == 4 and first["k"] == 12 and len(second["shards"]) == len(first["shards"])
+    after = tree(folder)
+    assert {k: after[k] for k in mine} == mine  # the user's files, byte for byte
+    assert sorted(after) == sorted([*mine, ".potstill-owned", "manifest.json",
+                                    *(e["file"] for e in second["shards"])])
+    CacheReader(folder)  # complete and readable
+    # Cut short while clearing: the manifest (deleted first) is gone, some shards are not. A capture starts over.
+    (folder / "manifest.json").unlink()
+    third = _capture(cfg)
+    assert third["k"] == 12 and [e["sha256"] for e in third["shards"]] == [e["sha256"] for e in first["shards"]]
+    assert {k: tree(folder)[k] for k in mine} == mine
+
+
+def test_cache_written_before_the_mark_is_continued_and_overwritten(captured):
+    cfg, first = captured
+    folder = Path(cfg["cache"]["dir"])
+    (folder / ".potstill-owned").unlink()
+    assert owner_kind(folder) is None
+    again = _capture(cfg)  # same settings: nothing to do, the cache is recognized by its manifest
+    assert again["shards"] == first["shards"] and owner_kind(folder) == "cache"
+    (folder / ".potstill-owned").unlink()
+    assert _capture(cfg, "cache.k=3", "cache.overwrite=true")["k"] == 3
+
+
+@pytest.mark.parametrize("case", ["user-folder", "other-manifest", "potstill-run", "file", "parent-is-file"])
+def test_cache_dir_that_is_not_a_cache_is_refused_and_left_untouched(tmp_path, teacher_dir, student_dir,
+                                                                    text_jsonl, case):
+    target = tmp_path / "target"
+    cache_dir = target
+    if case == "file":
+        target.write_text("a file of mine")
+    elif case == "parent-is-file":
+        target.write_text("a file of mine")
+        cache_dir = target / "cache"
+    else:
+        target.mkdir()
+        (target / "data.csv").write_text("a,b\n1,2\n")
+        if case == "other-manifest":
+            (target / "manifest.json").write_text('{"format": "my-dataset", "files": ["data.csv"]}')
+        if case == "potstill-run":
+            mark_owned(target, "run")
+    before = tree(tmp_path)
+    cfg = _config(tmp_path, teacher_dir, student_dir, text_jsonl, cache={"dir": str(cache_dir), "overwrite": True})
+    says = {"user-folder": "is not empty and holds no teacher cache",
+            "other-manifest": "is not empty and holds no teacher cache",
+            "potstill-run": "is not empty and holds a potstill run", "file": "is a file, not a folder",
+            "parent-is-file": f"{target} is a file, not a folder"}[case]
+    with pytest.raises(CacheError, match=re.escape(says)):
+        _capture(cfg)
+    assert tree(tmp_path) == before
+
+
+def test_cache_dir_overlapping_the_inputs_is_refused(tmp_path, teacher_dir, student_dir, text_jsonl):
+    teacher = tmp_path / "teacher"
+    shutil.copytree(teacher_dir, teacher)
+    data = tmp_path / "data" / "text.jsonl"
+    data.parent.mkdir()
+    shutil.copy(text_jsonl, data)
+    before = tree(tmp_path)
+    cases = [(teacher / "cache", "lies inside teacher.name_or_path"), (teacher, "lies inside teacher.name_or_path"),
+             (data.parent, "holds data.source"), (tmp_path, "holds teacher.name_or_path")]
+    for cache_dir, says in cases:
+        cfg = _config(tmp_path, teacher, student_dir, data, cache={"dir": str(cache_dir), "overwrite": True})
+        with pytest.raises(CacheError, match=f"cache.dir {re.escape(str(cache_dir))} {says}"):
+            _capture(cfg)
+    cfg = _config(tmp_path, teacher, student_dir, str(tmp_path / "da*" / "*.jsonl"), cache={"dir": str(data.parent)})
+    with pytest.raises(CacheError, match=f"holds data.source {re.escape(str(data))}"):  # a glob, expanded
+        _capture(cfg)
+    assert tree(tmp_path) == before
+
+
+def test_damaged_cache_is_named_when_a_capture_continues_and_overwrite_recaptures_it(captured):
+    cfg, first = captured
+    folder = Path(cfg["cache"]["dir"])
+    good = tree(folder)
+    shard = folder / "shard-00001.npz"
+    damaged = bytearray(shard.read_bytes())
+    damaged[len(damaged) // 2] ^= 0x10
+    shard.write_bytes(bytes(damaged))
+    with pytest.raises(CacheError, match=r"shard shard-00001\.npz fails its checksum.*cache\.overwrite=true"):
+        _capture(cfg)
+    shard.write_bytes(good["shard-00001.npz"])
+    (folder / "manifest.json").write_text(good["manifest.json"].decode()[:200])
+    with pytest.raises(CacheError, match=r"manifest\.json is not valid JSON"):
+        _capture(cfg)
+    manifest = json.loads(good["manifest.json"])
+    del manifest["shards"][2]["sha256"]
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CacheError, match=r"manifest\.json is damaged \(shards\[2\]\.sha256 is missing\)"):
+        _capture(cfg)
+    again = _capture(cfg, "cache.overwrite=true")
+    assert [e["sha256"] for e in again["shards"]] == [e["sha256"] for e in first["shards"]]
+
+
+def test_damaged_manifest_is_one_line_when_training(captured, tmp_path):
+    cfg, _ = captured
+    folder = Path(cfg["cache"]["dir"])
+    manifest = json.loads((folder / "manifest.json").read_text())
+    del manifest["dataset"]["fingerprint"]
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
+    proc = _cli("distill", str(tmp_path / "run.yaml"), f"teacher.cache={folder}", "--no-progress", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("potstill: error:")]
+    assert errors == [f"potstill: error: teacher cache {folder}: manifest.json is damaged (dataset.fingerprint is "
+                      "missing); capture the cache again (potstill cache-teacher with cache.overwrite=true)"]
+
+
+def test_capture_stopped_by_a_full_disk_continues_once_space_is_freed(tmp_path, teacher_dir, student_dir,
+                                                                     text_jsonl):
+    ref = _config(tmp_path / "ref", teacher_dir, student_dir, text_jsonl)
+    _capture(ref)
+    disk = tmp_path / "disk"
+    cfg = _config(tmp_path, teacher_dir, student_dir, text_jsonl, cache={"dir": str(disk / "cache")})
+    with small_disk(disk, 160) as resize:
+        with pytest.raises(RunDirError) as info:
+            _capture(cfg)
+        message = str(info.value)
+        assert f"writing teacher cache {disk / 'cache'}: no space left on the device" in message
+        done = int(re.search(r"continues after the (\d+) complete shards?$", message).group(1))
+        assert 1 <= done < 4, message
+        left = sorted(p.name for p in (disk / "cache").iterdir())
+        assert left == [".potstill-owned", "manifest.json", *(fmt.shard_name(i) for i in range(done))] or \
+            left == [".potstill-owned", "manifest.json", *(fmt.shard_name(i) for i in range(done + 1))]
+        assert len(json.loads((disk / "cache" / "manifest.json").read_text())["shards"]) == done
+        resize(4096)
+        _capture(cfg)
+        assert _files(disk / "cache") == _files(Path(ref["cache"]["dir"]))
+
+
+def test_read_only_cache_dir_is_one_line_before_any_work(tmp_path, teacher_dir, student_dir, text_jsonl):
+    disk = tmp_path / "ro"
+    with read_only_folder(disk):
+        cfg = _config(tmp_path, teacher_dir, student_dir, text_jsonl, cache={"dir": str(disk / "cache")})
+        (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
+        proc = _cli("cache-teacher", str(tmp_path / "run.yaml"), "--no-progress", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("potstill: error:")]
+    assert errors == [f"potstill: error: cache.dir {disk / 'cache'}: cannot write in {disk} (read-only or no "
+                      "permission): choose another cache.dir or fix its permissions"]
+    assert "loading" not in proc.stderr.lower()

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 
 import torch
@@ -222,6 +223,22 @@ def is_packed_folder(path: str | Path) -> bool:
     return (Path(path) / MANIFEST).is_file()
 
 
+def _packed_shapes(folder: Path, manifest: dict) -> dict[str, tuple[int, ...]]:
+    """``bitnet.json``'s module -> weight shape, or one line saying how it is damaged."""
+    modules = manifest.get("modules")
+    shapes = {}
+    if isinstance(modules, dict):
+        for name, spec in modules.items():
+            shape = spec.get("shape") if isinstance(spec, dict) else None
+            if not (isinstance(shape, list) and shape and all(type(d) is int and d > 0 for d in shape)):
+                break
+            shapes[name] = tuple(shape)
+        else:
+            return shapes
+    raise ModelError(f"{folder / MANIFEST} is damaged (its modules and their shapes are missing or malformed): "
+                     "export the model again")
+
+
 def load_packed(folder: str | Path, dtype: torch.dtype | None = None) -> nn.Module:
     """Rebuild a model from a packed folder. Its forward equals the training-time quantized forward
     exactly (same ternary values, same scales, same arithmetic); weights stay int8 in memory."""
@@ -232,7 +249,9 @@ def load_packed(folder: str | Path, dtype: torch.dtype | None = None) -> nn.Modu
     try:
         manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
-        raise ModelError(f"cannot read {folder / MANIFEST}: {err}") from None
+        raise ModelError(f"cannot read {folder / MANIFEST}: {' '.join(str(err).split())}") from None
+    if not isinstance(manifest, dict):
+        raise ModelError(f"{folder / MANIFEST} is damaged (not a JSON object): export the model again")
     if manifest.get("format") != FORMAT or manifest.get("version") != FORMAT_VERSION:
         raise ModelError(f"{folder}: unknown packed format {manifest.get('format')} v{manifest.get('version')} "
                          f"(this potstill reads {FORMAT} v{FORMAT_VERSION})")
@@ -240,16 +259,25 @@ def load_packed(folder: str | Path, dtype: torch.dtype | None = None) -> nn.Modu
     spec = getattr(config, CONFIG_MARKER, None) or {}
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     convert_to_bitnet(model, include_head=bool(spec.get("head")), include_embeddings=bool(spec.get("embeddings")))
-    state = load_file(str(folder / "model.safetensors"))
     mods = bit_modules(model)
-    if set(mods) != set(manifest["modules"]):
+    shapes = _packed_shapes(folder, manifest)
+    if set(mods) != set(shapes):
         raise ModelError(f"{folder}: the packed modules do not match the model built from its config.json")
+    try:
+        state = load_file(str(folder / "model.safetensors"))
+    except Exception as err:  # noqa: BLE001 - SafetensorError, OSError: a damaged or missing file
+        raise ModelError(f"{folder / 'model.safetensors'} cannot be read ({' '.join(str(err).split())}): export "
+                         "the model again") from None
     for name, m in mods.items():
-        shape = tuple(manifest["modules"][name]["shape"])
+        shape = shapes[name]
         try:
             packed, scale = state.pop(f"{name}.weight_packed"), state.pop(f"{name}.weight_scale")
         except KeyError:
             raise ModelError(f"{folder}: model.safetensors lacks the packed weight of {name}") from None
+        fits = packed.dtype == torch.uint8 and packed.numel() == -(-math.prod(shape) // 4)
+        if shape != tuple(m.weight.shape) or not fits:
+            raise ModelError(f"{folder}: the packed weight of {name} does not fit its shape {list(shape)} in "
+                             f"{MANIFEST} and config.json: export the model again")
         del m.weight  # the float master is gone: the ternary values take its place
         m.register_buffer("weight", unpack_ternary(packed, shape))
         m.register_buffer("weight_scale", scale)

@@ -30,6 +30,12 @@ state, the tokenized dataset's fingerprint and size, kind, K, temperature, the v
 encoding, and per shard its file, examples, rows, bytes and sha256. A shard is written to a
 temporary name, fsynced and renamed, and only then entered into the manifest (rewritten
 atomically), so the manifest never lists a partial shard.
+
+A cache may have been damaged since (a full disk, a copy cut short, a hand edit). Whatever
+reads it (training with ``teacher.cache``, or a capture continuing) checks the manifest's
+structure (:func:`check_manifest`) and each shard's size, checksum and arrays
+(:func:`read_shard`, :func:`check_shard`) first, and reports a problem as one
+:class:`CacheError` naming the file, never as a traceback from json, zipfile or numpy.
 """
 
 from __future__ import annotations
@@ -37,19 +43,22 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
+import re
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..atomic import atomic_write_text, fsync_dir
+from ..atomic import atomic_write_bytes, atomic_write_text
 from ..errors import PotstillError
 
 FORMAT = "potstill-teacher-cache"
 VERSION = 1
 MANIFEST = "manifest.json"
 LOGP_MIN = {8: -20.0, 16: -40.0}
+# What to do about a damaged cache, said the same way everywhere.
+RECAPTURE = "capture the cache again (potstill cache-teacher with cache.overwrite=true)"
 # Manifest fields that must agree for a capture to continue into an existing folder.
 HEADER_KEYS = ("format", "version", "teacher", "tokenizer_sha256", "dataset", "kind", "k", "temperature",
                "encoding", "examples_per_shard", "seed")
@@ -123,53 +132,226 @@ def sha256_bytes(data: bytes) -> str:
 
 
 def write_shard(folder: Path, index: int, arrays: dict[str, np.ndarray]) -> dict[str, Any]:
-    """Write one shard atomically; its manifest entry (file, bytes, sha256) is returned."""
+    """Write one shard atomically; its manifest entry (file, bytes, sha256) is returned.
+
+    On any failure (a full disk, an interrupt) the temporary file is removed, so the folder
+    holds complete shards only and a capture continues after the last one the manifest lists."""
     buf = io.BytesIO()
     np.savez(buf, **{k: np.ascontiguousarray(v) for k, v in arrays.items()})
     data = buf.getvalue()
     final = folder / shard_name(index)
-    tmp = folder / f".{final.name}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, final)
-    fsync_dir(folder)
+    atomic_write_bytes(final, data)
     return {"file": final.name, "bytes": len(data), "sha256": sha256_bytes(data)}
 
 
 def read_shard(folder: Path, entry: dict[str, Any]) -> dict[str, np.ndarray]:
-    """A shard's arrays after checking its size and sha256 against the manifest entry."""
+    """A shard's arrays after checking its size and sha256 against the manifest entry.
+
+    ``entry`` comes from a manifest that passed :func:`check_manifest` (its file name is a shard name)."""
     path = folder / entry["file"]
+    where = f"teacher cache {folder}: shard {entry['file']}"
     if not path.is_file():
-        raise CacheError(f"teacher cache {folder}: shard {entry['file']} is missing; capture it again with "
-                         "potstill cache-teacher")
-    data = path.read_bytes()
-    if len(data) != entry["bytes"]:
-        raise CacheError(f"teacher cache {folder}: shard {entry['file']} is truncated or changed ({len(data)} bytes, "
-                         f"the manifest says {entry['bytes']}); delete it and run potstill cache-teacher again")
-    if sha256_bytes(data) != entry["sha256"]:
-        raise CacheError(f"teacher cache {folder}: shard {entry['file']} fails its checksum (sha256 differs from "
-                         "the manifest): it was changed or damaged; delete it and run potstill cache-teacher again")
+        raise CacheError(f"{where} is missing; {RECAPTURE}")
     try:
-        with np.load(io.BytesIO(data)) as z:
+        data = path.read_bytes()
+    except OSError as err:
+        raise CacheError(f"{where} cannot be read ({err.strerror or err}); fix its permissions, or "
+                         f"{RECAPTURE}") from None
+    if len(data) != entry["bytes"]:
+        raise CacheError(f"{where} is truncated or changed ({len(data)} bytes, the manifest says {entry['bytes']}); "
+                         f"{RECAPTURE}")
+    if sha256_bytes(data) != entry["sha256"]:
+        raise CacheError(f"{where} fails its checksum (sha256 differs from the manifest): it was changed or "
+                         f"damaged; {RECAPTURE}")
+    try:
+        loaded = np.load(io.BytesIO(data), allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):
+            raise ValueError("a single array, not an archive of them")
+        with loaded as z:
             return {k: z[k] for k in z.files}
-    except (OSError, ValueError) as err:  # checksum matched but the file is not a shard: a bug or a forged manifest
-        raise CacheError(f"teacher cache {folder}: shard {entry['file']} cannot be read ({err})") from None
+    # The checksum matched, so the manifest was written for these bytes: a forged or hand-made entry.
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as err:
+        raise CacheError(f"{where} is not a valid .npz archive ({_one_line(err)}); {RECAPTURE}") from None
+
+
+def check_shard(folder: Path, manifest: dict[str, Any], index: int, arrays: dict[str, np.ndarray]) -> None:
+    """Raise one line unless a shard's arrays have the shapes and types its manifest entry promises."""
+    entry = manifest["shards"][index]
+    problem = _shard_problem(manifest, entry, arrays)
+    if problem:
+        raise CacheError(f"teacher cache {folder}: shard {entry['file']} does not match {MANIFEST} ({problem}); "
+                         f"{RECAPTURE}")
+
+
+def _shard_problem(m: dict[str, Any], entry: dict[str, Any], arrays: dict[str, np.ndarray]) -> str | None:
+    lo, hi = entry["examples"]
+    rows = entry["rows"]
+    width = -(-m["k"] * m["encoding"]["id_bits"] // 8)
+    value_dtype = np.uint8 if m["encoding"].get("value_bits") == 8 else np.uint16
+    expected = {"offsets": (np.int64, (hi - lo + 1,)), "ids": (np.uint8, (rows, width))}
+    if m["kind"] == "topk":
+        expected.update(logp=(value_dtype, (rows, m["k"])), rest=(value_dtype, (rows,)))
+    else:
+        expected.update(entropy=(np.float16, (rows,)))
+    for name, (dtype, shape) in expected.items():
+        if name not in arrays:
+            return f"no {name!r} array"
+        got = arrays[name]
+        if got.dtype != dtype or got.shape != shape:
+            return f"{name!r} is {got.dtype} {tuple(got.shape)}, expected {np.dtype(dtype)} {shape}"
+    offsets = arrays["offsets"]
+    if offsets[0] != 0 or offsets[-1] != rows or np.any(np.diff(offsets) < 0):
+        return f"'offsets' do not run from 0 up to its {rows} rows"
+    return None
+
+
+def verify_shards(folder: Path, manifest: dict[str, Any]) -> None:
+    """Read back every shard a manifest lists (size, checksum, arrays): before a capture builds on them."""
+    for index, entry in enumerate(manifest["shards"]):
+        check_shard(folder, manifest, index, read_shard(folder, entry))
 
 
 def read_manifest(folder: Path) -> dict[str, Any]:
+    """The manifest of a cache folder, as a dict of this format and version (its structure is checked
+    separately by :func:`check_manifest`, so an incomplete cache can still be reported as such)."""
     path = Path(folder) / MANIFEST
     if not path.is_file():
         raise CacheError(f"{folder} is not a teacher cache (no {MANIFEST}): create one with potstill cache-teacher")
+    where = f"teacher cache {folder}: {MANIFEST}"
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise CacheError(f"teacher cache {folder}: {MANIFEST} cannot be read ({err})") from None
+        text = path.read_text(encoding="utf-8")
+    except OSError as err:
+        raise CacheError(f"{where} cannot be read ({err.strerror or err}); fix its permissions") from None
+    except ValueError as err:  # not UTF-8
+        raise CacheError(f"{where} is not text ({_one_line(err)}): it was damaged; {RECAPTURE}") from None
+    try:
+        manifest = json.loads(text)
+    except ValueError as err:
+        raise CacheError(f"{where} is not valid JSON ({_one_line(err)}): it was damaged; {RECAPTURE}") from None
+    if not isinstance(manifest, dict):
+        raise CacheError(f"{where} holds a JSON {_type_name(manifest)}, not an object: it was damaged; {RECAPTURE}")
     if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
         raise CacheError(f"teacher cache {folder}: format {manifest.get('format')} v{manifest.get('version')} is not "
                          f"{FORMAT} v{VERSION}: capture it again with this potstill")
     return manifest
+
+
+def check_manifest(folder: Path, manifest: dict[str, Any]) -> None:
+    """Raise one line naming the manifest and the key unless its structure is one this module wrote:
+    every key present with its type, and a shard list that agrees with the dataset size and shard size."""
+    problem = _manifest_problem(manifest)
+    if problem:
+        raise CacheError(f"teacher cache {folder}: {MANIFEST} is damaged ({problem}); {RECAPTURE}")
+
+
+def is_cache_manifest(folder: Path) -> bool:
+    """True when ``folder`` holds a manifest that says it is a potstill teacher cache (any version):
+    the mark of a cache written before caches carried potstill's ownership mark."""
+    try:
+        manifest = json.loads((Path(folder) / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and manifest.get("format") == FORMAT
+
+
+# Key -> type of the manifest's fields (dotted for nested ones); a float field accepts an int.
+_FIELDS: dict[str, type] = {
+    "teacher": dict, "teacher.name": str, "teacher.vocab_size": int, "tokenizer_sha256": str,
+    "dataset": dict, "dataset.fingerprint": str, "dataset.n_examples": int, "kind": str, "k": int,
+    "temperature": float, "encoding": dict, "encoding.id_bits": int, "examples_per_shard": int, "n_shards": int,
+    "shards": list, "complete": bool,
+}
+_SHARD_FIELDS: dict[str, type] = {"file": str, "bytes": int, "sha256": str, "examples": list, "rows": int}
+
+
+def _manifest_problem(m: dict[str, Any]) -> str | None:
+    """What is wrong with a manifest's structure, in a few words, or None."""
+    for key, kind in _FIELDS.items():
+        problem = _field_problem(m, key, kind)
+        if problem:
+            return problem
+    if m["kind"] not in ("topk", "sampled"):
+        return f"kind is {m['kind']!r}, not 'topk' or 'sampled'"
+    vocab, n, per_shard = m["teacher"]["vocab_size"], m["dataset"]["n_examples"], m["examples_per_shard"]
+    bits = m["encoding"]["id_bits"]
+    if vocab < 1 or n < 0 or per_shard < 1 or m["k"] < 1 or not m["temperature"] > 0:
+        return "teacher.vocab_size, k, examples_per_shard and temperature must be positive, dataset.n_examples >= 0"
+    if bits != id_bits(vocab):
+        return f"encoding.id_bits is {bits}, but {vocab} ids take {id_bits(vocab)} bits"
+    if m["kind"] == "topk" and m["encoding"].get("value_bits") not in LOGP_MIN:
+        return f"encoding.value_bits is {m['encoding'].get('value_bits')!r}, not 8 or 16"
+    if m["n_shards"] != -(-n // per_shard):
+        return f"n_shards is {m['n_shards']}, but {n} examples at {per_shard} per shard make {-(-n // per_shard)}"
+    shards = m["shards"]
+    if len(shards) > m["n_shards"] or (m["complete"] and len(shards) != m["n_shards"]):
+        state = "a complete" if m["complete"] else "an incomplete"
+        return f"{state} cache of {m['n_shards']} shards lists {len(shards)}"
+    for index, entry in enumerate(shards):
+        problem = _entry_problem(index, entry, n, per_shard)
+        if problem:
+            return problem
+    if "bytes_per_token" in m and _field_problem(m, "bytes_per_token", float):
+        return _field_problem(m, "bytes_per_token", float)
+    return None
+
+
+def _entry_problem(index: int, entry: Any, n: int, per_shard: int) -> str | None:
+    where = f"shards[{index}]"
+    if not isinstance(entry, dict):
+        return f"{where} is a JSON {_type_name(entry)}, not an object"
+    for key, kind in _SHARD_FIELDS.items():
+        problem = _field_problem(entry, key, kind, prefix=f"{where}.")
+        if problem:
+            return problem
+    if entry["file"] != shard_name(index):
+        return f"{where}.file is {entry['file']!r}, not {shard_name(index)!r}"
+    if not re.fullmatch(r"[0-9a-f]{64}", entry["sha256"]):
+        return f"{where}.sha256 is not a sha256 hex digest"
+    span = [index * per_shard, min((index + 1) * per_shard, n)]
+    if entry["examples"] != span:
+        return f"{where}.examples is {entry['examples']}, not {span}"
+    if entry["bytes"] < 0 or entry["rows"] < 0:
+        return f"{where}.bytes and .rows must not be negative"
+    return None
+
+
+def _field_problem(m: dict[str, Any], key: str, kind: type, *, prefix: str = "") -> str | None:
+    value: Any = m
+    for part in key.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return f"{prefix}{key} is missing"
+        value = value[part]
+    if not _is(value, kind):
+        return f"{prefix}{key} is a JSON {_type_name(value)}, not {_JSON_NAMES[kind]}"
+    return None
+
+
+_JSON_NAMES = {dict: "an object", list: "a list", str: "a string", int: "an integer", float: "a number",
+               bool: "true or false"}
+
+
+def _is(value: Any, kind: type) -> bool:
+    """JSON typing: bool is not a number, an integer is a number."""
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, kind)
+
+
+def _type_name(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    for kind, name in ((dict, "object"), (list, "list"), (str, "string"), (int, "integer"), (float, "number")):
+        if isinstance(value, kind):
+            return name
+    return type(value).__name__
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split()) or type(err).__name__
 
 
 def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
@@ -178,6 +360,18 @@ def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
 
 def header_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
     return [k for k in HEADER_KEYS if a.get(k) != b.get(k)]
+
+
+# Names of what a capture writes into its folder: the manifest, shards, and their temporaries.
+_WRITTEN = re.compile(r"(manifest\.json|shard-\d{5,}\.npz|\.(manifest\.json|shard-\d{5,}\.npz)\.tmp-\d+)")
+
+
+def written_files(folder: Path) -> list[Path]:
+    """The files in ``folder`` that a capture writes (never folders, never other names): what
+    ``cache.overwrite`` may delete. The manifest comes first, so a folder cut short while being
+    cleared no longer claims shards that are gone."""
+    found = [p for p in Path(folder).iterdir() if _WRITTEN.fullmatch(p.name) and p.is_file() and not p.is_symlink()]
+    return sorted(found, key=lambda p: (p.name != MANIFEST, p.name))
 
 
 class CacheReader:
@@ -191,9 +385,11 @@ class CacheReader:
         self.folder = Path(folder)
         self.manifest = read_manifest(self.folder)
         m = self.manifest
-        if not m.get("complete"):
-            raise CacheError(f"teacher cache {self.folder} is incomplete ({len(m.get('shards', []))} of "
+        if m.get("complete") is False:  # the common case first: a capture that was stopped
+            listed = len(m["shards"]) if isinstance(m.get("shards"), list) else "?"
+            raise CacheError(f"teacher cache {self.folder} is incomplete ({listed} of "
                              f"{m.get('n_shards')} shards): finish it by running potstill cache-teacher again")
+        check_manifest(self.folder, m)
         self.kind, self.k = m["kind"], int(m["k"])
         self.bits = int(m["encoding"]["id_bits"])
         self.value_bits = int(m["encoding"].get("value_bits", 0))
@@ -203,12 +399,8 @@ class CacheReader:
 
     def _shard(self, s: int) -> dict[str, np.ndarray]:
         if s not in self._shards:
-            entry = self.manifest["shards"][s]
-            arrays = read_shard(self.folder, entry)
-            lo, hi = entry["examples"]
-            offsets = arrays.get("offsets")
-            if offsets is None or len(offsets) != hi - lo + 1 or int(offsets[-1]) != len(arrays["ids"]):
-                raise CacheError(f"teacher cache {self.folder}: shard {entry['file']} is inconsistent (offsets)")
+            arrays = read_shard(self.folder, self.manifest["shards"][s])
+            check_shard(self.folder, self.manifest, s, arrays)
             self._shards[s] = arrays
         return self._shards[s]
 

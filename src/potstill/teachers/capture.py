@@ -8,12 +8,17 @@ dataset (same fingerprint) and any batch order reads it. Shards are written one 
 another; a capture that is stopped continues from the last complete shard, and since every
 shard depends only on its own examples (and, for sampling, on a seed derived from its
 index) the files come out byte-identical to an uninterrupted capture.
+
+The folder is potstill's own: it is marked as a cache when created, a capture refuses a
+``cache.dir`` that holds anything else (or overlaps the teacher, the tokenizer or the data,
+checked before any work), and ``cache.overwrite`` deletes only the files an earlier capture
+wrote there, after the teacher and the data were loaded. A full disk or a read-only folder
+ends the capture with one line; what was complete stays, and the next run continues from it.
 """
 
 from __future__ import annotations
 
 import logging
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -21,10 +26,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..atomic import disk_errors
 from ..config import DistillConfig, as_config
 from ..data import build_datasets, collate
 from ..errors import ConfigError
+from ..ownership import check_writable, input_paths, is_within, mark_owned, owner_kind
 from ..models.precision import autocast_context, compute_dtype, resolve_precision
+from ..models.preflight import preflight
 from ..models.teacher_model import load_teacher, teacher_dtype
 from ..models.vocab import output_rows
 from . import cache_format as fmt
@@ -84,12 +92,17 @@ def cache_teacher(config, *, overrides=(), progress: bool = True) -> dict[str, A
     cc = cfg.cache
     if cfg.teacher.name_or_path is None:
         raise ConfigError("cache-teacher needs teacher.name_or_path: the model whose logits to capture")
+    folder = Path(cc.dir)
+    check_cache_dir(folder, cfg)
     precision = resolve_precision(cfg.train.precision)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     t_dtype = teacher_dtype(cfg.teacher.dtype, compute_dtype(precision))
-    teacher, tok = load_teacher(cfg.teacher, dtype=t_dtype)
+    # Cheap before costly: tokenizers, model folders and the data (tokenized here, which checks every
+    # row) before the teacher loads, so a mistake is one line without waiting for a large model.
+    checked = preflight(cfg, role="cache-teacher", check_data=False)
+    train_ds, _ = build_datasets(cfg.data, checked.tokenizer, seed=cfg.train.seed, progress=progress)
+    teacher, tok = load_teacher(cfg.teacher, dtype=t_dtype, tokenizer=checked.teacher_tokenizer)
     teacher.to(device)
-    train_ds, _ = build_datasets(cfg.data, tok, seed=cfg.train.seed, progress=progress)
     vocab = output_rows(teacher)
     k = min(cc.k, vocab) if cc.kind == "topk" else cc.k
     n = len(train_ds)
@@ -108,14 +121,8 @@ def cache_teacher(config, *, overrides=(), progress: bool = True) -> dict[str, A
         "examples_per_shard": per_shard, "seed": cc.seed if cc.kind == "sampled" else None,
         "n_shards": -(-n // per_shard),
     }
-    folder = Path(cc.dir)
     manifest = _open_for_writing(folder, header, overwrite=cc.overwrite)
     start = len(manifest["shards"])
-    for entry in manifest["shards"]:  # a listed shard must still be there before we build on it
-        path = folder / entry["file"]
-        if not path.is_file() or path.stat().st_size != entry["bytes"]:
-            raise CacheError(f"teacher cache {folder}: shard {entry['file']} is missing or truncated: delete the "
-                             "folder (or set cache.overwrite=true) and capture again")
     if start:
         log.info("teacher cache %s: continuing after %d of %d complete shards", folder, start, header["n_shards"])
     autocast = autocast_context(precision, device)
@@ -147,11 +154,12 @@ def cache_teacher(config, *, overrides=(), progress: bool = True) -> dict[str, A
         rows_np = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
         arrays = encode_rows(rows_np, kind=cc.kind, vocab_size=vocab, value_bits=cc.value_bits)
         arrays["offsets"] = np.concatenate([[0], np.cumsum(np.concatenate(counts))]).astype(np.int64)
-        entry = fmt.write_shard(folder, s, arrays)
-        entry.update(examples=[lo, hi], rows=int(arrays["offsets"][-1]),
-                     seconds=round(time.perf_counter() - t_shard, 3))
-        manifest["shards"].append(entry)
-        fmt.write_manifest(folder, manifest)
+        with _writing(folder, done=s):
+            entry = fmt.write_shard(folder, s, arrays)
+            entry.update(examples=[lo, hi], rows=int(arrays["offsets"][-1]),
+                         seconds=round(time.perf_counter() - t_shard, 3))
+            manifest["shards"].append(entry)
+            fmt.write_manifest(folder, manifest)
     bar.close()
     rows_total = sum(e["rows"] for e in manifest["shards"])
     bytes_total = sum(e["bytes"] for e in manifest["shards"])
@@ -160,30 +168,103 @@ def cache_teacher(config, *, overrides=(), progress: bool = True) -> dict[str, A
                     capture_tokens_per_s=rows_total / max(seconds, 1e-9),
                     bytes_per_token=bytes_total / max(rows_total, 1),
                     payload_bytes_per_token=fmt.bytes_per_row(cc.kind, k, vocab, cc.value_bits))
-    fmt.write_manifest(folder, manifest)
+    with _writing(folder, done=len(manifest["shards"])):
+        fmt.write_manifest(folder, manifest)
     log.info("teacher cache %s: %d shards, %d tokens, %.1f bytes per token (%.1f MB) in %.1fs", folder,
              len(manifest["shards"]), rows_total, manifest["bytes_per_token"], bytes_total / 1e6,
              time.perf_counter() - t0)
     return manifest
 
 
+# ----------------------------------------------------------------------------------------
+# The cache folder: potstill's own, apart from the inputs, written so that a failure loses nothing
+
+
+# What a capture reads: its cache.dir must lie apart from all of it.
+CAPTURE_INPUTS = ("teacher.name_or_path", "teacher.tokenizer", "data.source", "data.validation_source")
+
+
+def check_cache_dir(folder: Path, cfg: DistillConfig) -> None:
+    """Refuse, before any work, a ``cache.dir`` that a capture must not write into: a file, a place
+    it cannot write, a folder that overlaps the capture's inputs, or one that holds something
+    other than a teacher cache (whatever ``cache.overwrite`` says)."""
+    check_writable(folder, "cache.dir", CacheError)  # a file, or a place this process cannot write
+    for setting, path in input_paths(cfg, CAPTURE_INPUTS):
+        if is_within(folder, path):
+            raise CacheError(f"cache.dir {folder} lies inside {setting} {path}: keep the cache apart from the "
+                             "capture's inputs; choose another cache.dir")
+        if is_within(path, folder):
+            raise CacheError(f"cache.dir {folder} holds {setting} {path}: keep the cache apart from the capture's "
+                             "inputs; choose another cache.dir")
+    if not folder.is_dir() or not any(folder.iterdir()) or _holds_a_cache(folder):
+        return
+    kind = owner_kind(folder)
+    what = f"a potstill {kind}" if kind else "no teacher cache"
+    raise CacheError(f"cache.dir {folder} is not empty and holds {what}: a capture writes only into a new or empty "
+                     "folder or its own cache (cache.overwrite replaces nothing else); choose another cache.dir")
+
+
+def _holds_a_cache(folder: Path) -> bool:
+    """potstill's mark says cache, or (a cache written before the mark existed) its manifest says so."""
+    return owner_kind(folder) == "cache" or (owner_kind(folder) is None and fmt.is_cache_manifest(folder))
+
+
+def _writing(folder: Path, *, done: int):
+    """A full disk (or a folder made read-only) while the capture writes: one line saying how to go on.
+
+    The writers remove their own temporary files (:func:`fmt.write_shard`, ``atomic_write_text``)."""
+    return disk_errors(f"writing teacher cache {folder}",
+                       advice=f"free space (or fix the folder's permissions), then run potstill cache-teacher "
+                              f"again: it continues after the {done} complete shard{'' if done == 1 else 's'}")
+
+
 def _open_for_writing(folder: Path, header: dict[str, Any], *, overwrite: bool) -> dict[str, Any]:
-    """The manifest to continue (same header) or a fresh one; refuses to mix settings."""
-    if (folder / fmt.MANIFEST).is_file():
+    """The manifest to continue (same header, every listed shard intact) or a fresh one.
+
+    A cache of other settings, or a damaged one, is refused in one line, or with ``overwrite``
+    cleared (only the files a capture wrote) and captured anew."""
+    if (folder / fmt.MANIFEST).exists():
         try:
-            old = fmt.read_manifest(folder)
-            differs = fmt.header_differences(old, header)
+            manifest = _continuable(folder, header)
         except CacheError:
-            old, differs = None, ["format"]
-        if not differs:
-            return old
-        if not overwrite:
-            raise CacheError(f"cache.dir {folder} holds a teacher cache with other settings (differs in: "
-                             f"{', '.join(differs)}): choose another cache.dir or set cache.overwrite=true")
-        shutil.rmtree(folder)
-    elif folder.is_dir() and any(folder.iterdir()) and not overwrite:
-        raise CacheError(f"cache.dir {folder} is not empty and holds no teacher cache: choose another cache.dir")
-    folder.mkdir(parents=True, exist_ok=True)
-    manifest = {**header, "shards": [], "complete": False}
-    fmt.write_manifest(folder, manifest)
+            if not overwrite:
+                raise
+            _clear(folder)
+        else:
+            with _writing(folder, done=len(manifest["shards"])):
+                mark_owned(folder, "cache")  # a cache from before the mark existed gets it now
+            return manifest
+    elif folder.is_dir() and fmt.written_files(folder):
+        _clear(folder)  # shards of a capture whose manifest is gone (cut short while clearing): none is listed
+    with disk_errors(f"creating teacher cache {folder}", advice="choose another cache.dir, or free space or fix "
+                     "its permissions"):
+        folder.mkdir(parents=True, exist_ok=True)
+        mark_owned(folder, "cache")
+        manifest = {**header, "shards": [], "complete": False}
+        fmt.write_manifest(folder, manifest)
     return manifest
+
+
+def _continuable(folder: Path, header: dict[str, Any]) -> dict[str, Any]:
+    """The manifest in ``folder`` if this capture may continue it; else the one line saying why not."""
+    manifest = fmt.read_manifest(folder)
+    fmt.check_manifest(folder, manifest)
+    differs = fmt.header_differences(manifest, header)
+    if differs:
+        raise CacheError(f"cache.dir {folder} holds a teacher cache with other settings (differs in: "
+                         f"{', '.join(differs)}): choose another cache.dir or set cache.overwrite=true")
+    fmt.verify_shards(folder, manifest)  # a listed shard must still be intact before we build on it
+    return manifest
+
+
+def _clear(folder: Path) -> None:
+    """Delete what an earlier capture wrote in ``folder`` (manifest first), and nothing else."""
+    if not _holds_a_cache(folder):  # checked before any work too; the folder may have changed since
+        raise CacheError(f"cache.dir {folder} no longer holds a teacher cache: cache.overwrite replaces only "
+                         "potstill's own caches; choose another cache.dir")
+    files = fmt.written_files(folder)
+    log.info("teacher cache %s: deleting the %d files of the earlier capture", folder, len(files))
+    with disk_errors(f"clearing teacher cache {folder}", advice="fix the folder's permissions or choose another "
+                     "cache.dir"):
+        for path in files:
+            path.unlink(missing_ok=True)
