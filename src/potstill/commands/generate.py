@@ -12,25 +12,45 @@ is batched (left padding) and KV-cached (``model.generate``); prompts longer tha
 Output rows (jsonl, or parquet): ``prompt`` (as given), ``completion`` (text), ``teacher``,
 ``generation`` (the settings), ``prompt_index``, ``sample``: the ``prompt_completion``
 format that ``data`` reads directly, so a student with another tokenizer re-tokenizes the text.
-Rows are appended to ``<output>.partial.jsonl`` (fsynced a batch at a time); a stopped run
-drops a half-written tail and continues with the next prompt; each batch samples from a
-seed derived from its first prompt, so a resumed file equals an uninterrupted one. The
-final file is published atomically with a ``<output>.summary.json`` beside it.
+
+Never lose or mix output. The files beside ``generate.output`` (``gen.jsonl``):
+
+* ``gen.jsonl.lock``: an exclusive ``flock`` (``pid N on HOST``) held for the whole command,
+  so two processes never write one output; the OS releases it if the process dies.
+* ``gen.jsonl.partial.json``: every setting that decides the rows (teacher, tokenizer, data
+  and its content, generation settings, device), written before the partial rows exist. A
+  resume with other settings is refused, naming them: rows of two configs never mix.
+* ``gen.jsonl.partial.jsonl``: rows appended a batch at a time (fsynced); a stopped run
+  drops a half-written tail and continues with the next prompt. Each batch samples from a
+  seed derived from its first prompt, so a resumed file equals an uninterrupted one.
+* ``gen.jsonl.summary.json``: written when the rows are complete, with the settings; then
+  the final file is published atomically (temp name, rename). A finished output is returned
+  as is for the same settings and refused for others.
+
+What generate did not write is never replaced: an existing output without a summary, a
+partial file without its settings file, or an output that is (or lies in, or is matched
+by) ``data.source`` / ``data.validation_source`` is refused in one line. All of this is
+checked before the teacher loads; a full disk or an unwritable folder is one line too, and
+the next run continues from the partial file.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fnmatch
 import json
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..atomic import atomic_write_text
+from ..atomic import atomic_write_text, disk_errors
 from ..config import DistillConfig, as_config
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError, DataError, RunDirError
+from ..locking import FileLock
 
 log = logging.getLogger("potstill")
 
@@ -59,50 +79,363 @@ def render(prompt: Any, tokenizer, chat_template: str | None, use_chat: bool) ->
     return tokenizer(str(prompt))["input_ids"]
 
 
-def _complete_rows(partial: Path, per_batch: int) -> list[str]:
-    """Lines of whole batches (per_batch = batch_size x num_generations lines) already written."""
+# ----------------------------------------------------------------------------------------
+# The files of one output
+
+
+@dataclass(frozen=True)
+class OutputFiles:
+    """``generate.output`` and the files potstill keeps beside it."""
+
+    out: Path
+
+    def _beside(self, suffix: str) -> Path:
+        return self.out.with_name(self.out.name + suffix)
+
+    @property
+    def lock(self) -> Path:
+        return self._beside(".lock")
+
+    @property
+    def partial(self) -> Path:
+        return self._beside(".partial.jsonl")
+
+    @property
+    def settings(self) -> Path:
+        return self._beside(".partial.json")
+
+    @property
+    def summary(self) -> Path:
+        return self._beside(".summary.json")
+
+    @property
+    def temp(self) -> Path:
+        """Where the final file is written before it is renamed into place."""
+        return self.out.with_name(f".{self.out.name}.tmp-{os.getpid()}")
+
+
+def _advice(files: OutputFiles) -> str:
+    return (f"fix that (free space, a writable folder), then run potstill generate again with the same settings: "
+            f"it continues from {files.partial}")
+
+
+@contextlib.contextmanager
+def output_lock(files: OutputFiles):
+    """Hold an exclusive lock on ``<output>.lock`` for the block (removed afterwards); refuse if
+    another process holds it (:class:`~potstill.locking.FileLock`)."""
+    lock = FileLock(files.lock, remove_on_release=True)
+    with disk_errors(f"generate.output {files.out}: cannot create its lock file", advice=_advice(files)):
+        files.lock.parent.mkdir(parents=True, exist_ok=True)
+        lock.acquire(busy=lambda holder: RunDirError(
+            f"generate.output {files.out} is being written by {holder} (lock {files.lock}): wait for that generate "
+            "to finish, or choose another generate.output"))
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+# ----------------------------------------------------------------------------------------
+# Never write over the data
+
+
+def _glob_parts_match(pattern: tuple[str, ...], parts: tuple[str, ...]) -> bool:
+    """Path components against glob components, as ``glob.glob(recursive=True)`` matches them."""
+    if not pattern:
+        return not parts
+    head = pattern[0]
+    if head == "**":
+        return any(_glob_parts_match(pattern[1:], parts[i:]) for i in range(len(parts) + 1))
+    if not parts:
+        return False
+    name = parts[0]
+    if name.startswith(".") and not head.startswith(".") and head != name:
+        return False  # glob's wildcards skip hidden names
+    return fnmatch.fnmatchcase(name, head) and _glob_parts_match(pattern[1:], parts[1:])
+
+
+def glob_matches(pattern: str, path: Path) -> bool:
+    """Whether ``path`` (existing or not) is one of the files the glob ``pattern`` names."""
+    pat = Path(os.path.abspath(os.path.expanduser(pattern))).parts
+    candidates = {Path(os.path.abspath(path)).parts, path.resolve().parts}
+    return any(_glob_parts_match(pat, c) for c in candidates)
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """Same file after symlinks, or the same inode (a hard link)."""
+    try:
+        return a.resolve() == b.resolve() or (a.exists() and os.path.samefile(a, b))
+    except OSError:
+        return False
+
+
+def _path_items(source: Any) -> list[str]:
+    """The strings of a source setting that may name local files, folders or globs (not text rows)."""
+    items = source if isinstance(source, (list, tuple)) else [source]
+    return [os.path.expanduser(os.fspath(x)) for x in items
+            if isinstance(x, os.PathLike) or (isinstance(x, str) and "\n" not in x and 0 < len(x) <= 1024)]
+
+
+def _reads(item: str, target: Path) -> bool:
+    """Whether the data source ``item`` (a file, folder or glob) reads ``target``."""
+    p = Path(item)
+    try:
+        exists, is_dir = p.exists(), p.is_dir()
+    except OSError:
+        return False
+    if is_dir:  # a folder source reads the files directly in it
+        return _same_file(target.parent, p)
+    if exists:
+        return _same_file(target, p)
+    return any(c in item for c in "*?[") and glob_matches(item, target)
+
+
+def refuse_data_paths(files: OutputFiles, dc) -> None:
+    """Refuse an output (or a file potstill keeps beside it) that the run's own data would read."""
+    for what, source in (("data.source", dc.source), ("data.validation_source", dc.validation_source)):
+        for item in _path_items(source):
+            for target in (files.out, files.partial, files.settings, files.summary):
+                if not _reads(item, target):
+                    continue
+                whose = "" if target == files.out else f" (its side file {target.name})"
+                raise RunDirError(
+                    f"generate.output {files.out}{whose} would overwrite or join the data that {what} '{item}' "
+                    f"reads: choose a generate.output outside the data")
+
+
+# ----------------------------------------------------------------------------------------
+# What decides the rows
+
+
+def _ident(ref: Any) -> Any:
+    """A model / tokenizer / data reference as JSON: local paths resolved, objects by type."""
+    if isinstance(ref, (list, tuple)):
+        return [_ident(r) for r in ref]
+    if isinstance(ref, (str, os.PathLike)):
+        s = os.path.expanduser(os.fspath(ref))
+        with contextlib.suppress(OSError):
+            if len(s) <= 1024 and "\n" not in s and Path(s).exists():
+                return str(Path(s).resolve())
+        return os.fspath(ref)
+    return None if ref is None else f"<object {type(ref).__qualname__}>"
+
+
+def row_settings(cfg: DistillConfig, data_fingerprint: str, device: torch.device) -> dict[str, Any]:
+    """Every setting that decides the rows, by its config key: equal settings, equal rows."""
+    tc, dc, gc = cfg.teacher, cfg.data, cfg.generate
+    settings = {
+        "teacher.name_or_path": _ident(tc.name_or_path), "teacher.revision": tc.revision,
+        "teacher.tokenizer": _ident(tc.tokenizer), "teacher.quantization": tc.quantization,
+        "teacher.quantization_backend": tc.quantization_backend,
+        "device": f"{device.type} ({str(_dtype(device)).removeprefix('torch.')})",
+        "data.source": _ident(dc.source), "data.source content": data_fingerprint,
+        "data.config_name": dc.config_name, "data.split": dc.split, "data.revision": dc.revision,
+        "data.max_examples": dc.max_examples, "data.prompt_field": dc.prompt_field,
+        "data.messages_field": dc.messages_field, "data.text_field": dc.text_field,
+        "data.chat_template": dc.chat_template,
+    }
+    settings.update({f"generate.{k}": v for k, v in gc.model_dump().items() if k != "output"})
+    return json.loads(json.dumps(settings))  # as it reads back from disk
+
+
+def _dtype(device: torch.device) -> torch.dtype:
+    return torch.float32 if device.type == "cpu" else torch.bfloat16
+
+
+def _show(value: Any) -> str:
+    text = json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def settings_differences(then: dict, now: dict) -> str:
+    """'generate.temperature (1.0 then, 0.5 now), ...' for the keys whose values differ."""
+    out = []
+    for key in [*then, *(k for k in now if k not in then)]:
+        old, new = then.get(key, "<unset>"), now.get(key, "<unset>")
+        if old == new:
+            continue
+        if key == "data.source content":
+            out.append("data.source content (the data changed)")
+        else:
+            out.append(f"{key} ({_show(old)} then, {_show(new)} now)")
+    return ", ".join(out)
+
+
+def _read_json(path: Path, what: str, advice: str) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise RunDirError(f"{what} {path} cannot be read ({type(err).__name__}): {advice}") from None
+    if not isinstance(data, dict):
+        raise RunDirError(f"{what} {path} is not a JSON object: {advice}")
+    return data
+
+
+def finished_summary(files: OutputFiles, settings: dict) -> dict | None:
+    """The summary of a finished output with these settings; None when the output does not exist.
+
+    Refuses an output potstill did not finish (no summary) and one finished with other settings."""
+    if not files.out.exists():
+        return None
+    away = f"move {files.out} away yourself, or choose another generate.output"
+    if not files.summary.is_file():
+        raise RunDirError(f"generate.output {files.out} exists and was not written by potstill generate (no "
+                          f"{files.summary.name} beside it): potstill does not overwrite it; {away}")
+    summary = _read_json(files.summary, "the summary", f"potstill cannot tell how {files.out} was made; {away}")
+    then = summary.get("settings")
+    if not isinstance(then, dict):
+        raise RunDirError(f"generate.output {files.out} was finished by an older potstill that did not record its "
+                          f"settings, so it cannot be checked against this config: {away}")
+    diff = settings_differences(then, settings)
+    if diff:
+        raise RunDirError(f"generate.output {files.out} is finished, with other settings: {diff}: restore them to "
+                          "use it, or choose another generate.output")
+    return summary
+
+
+def check_partial(files: OutputFiles, settings: dict) -> None:
+    """Refuse a partial file that is not ours (no settings file) or was made with other settings."""
+    if not files.partial.exists():
+        return
+    if not files.settings.is_file():
+        raise RunDirError(f"{files.partial} exists without {files.settings.name} beside it, so it is not a partial "
+                          "output of this potstill generate: potstill does not overwrite it; move it away yourself, "
+                          "or choose another generate.output")
+    then = _read_json(files.settings, "the partial output's settings file",
+                      f"move {files.partial.name} and {files.settings.name} away to start over, or choose "
+                      "another generate.output")
+    diff = settings_differences(then, settings)
+    if diff:
+        raise RunDirError(f"{files.partial} was made with other settings: {diff}: restore them to continue it, "
+                          f"or choose another generate.output (or move {files.partial.name} away to start over)")
+
+
+# ----------------------------------------------------------------------------------------
+# Partial rows
+
+
+def complete_rows(partial: Path, per_batch: int) -> tuple[list[str], int]:
+    """Lines of whole batches (per_batch = batch_size x num_generations lines) already written,
+    and their size in bytes: where a torn tail (a stopped write) starts."""
     if not partial.is_file():
-        return []
-    lines = partial.read_text(encoding="utf-8").split("\n")
-    good = []
-    for line in lines:
+        return [], 0
+    good: list[tuple[str, int]] = []
+    for raw in partial.read_bytes().split(b"\n")[:-1]:  # the last piece is empty or an unterminated tail
         try:
+            line = raw.decode("utf-8")
             json.loads(line)
-        except ValueError:
+        except ValueError:  # also a multi-byte character cut in half
             break
-        good.append(line)
-    return good[: len(good) - len(good) % per_batch]
+        good.append((line, len(raw) + 1))
+    good = good[: len(good) - len(good) % per_batch]
+    return [line for line, _ in good], sum(size for _, size in good)
+
+
+def open_partial(files: OutputFiles, settings: dict, keep_bytes: int) -> None:
+    """Start the partial file (settings first), or cut a stopped one back to its whole batches.
+
+    Cutting (truncate) never loses a whole batch: the file is never rewritten."""
+    with disk_errors(f"generate: starting {files.partial}", advice=_advice(files)):
+        if not files.partial.exists():
+            atomic_write_text(files.settings, json.dumps(settings, indent=2))
+            files.partial.touch()
+        elif files.partial.stat().st_size > keep_bytes:
+            os.truncate(files.partial, keep_bytes)
+
+
+def append_rows(files: OutputFiles, lines: list[str]) -> None:
+    with (disk_errors(f"generate: appending to {files.partial}", advice=_advice(files)),
+          open(files.partial, "a", encoding="utf-8") as fh):
+        fh.write("".join(line + "\n" for line in lines))
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def publish(files: OutputFiles, records: list[dict], summary: dict) -> None:
+    """Summary first, then the final file by rename, then the partial files go.
+
+    A stop between the steps leaves a state the next run finishes from the partial file."""
+    with disk_errors(f"generate: writing {files.out}", advice=_advice(files), cleanup=files.temp):
+        if files.out.suffix == ".parquet":
+            import pandas as pd
+
+            pd.DataFrame(records).to_parquet(files.temp)
+        else:
+            files.temp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records),
+                                  encoding="utf-8")
+        with open(files.temp, "rb") as fh:
+            os.fsync(fh.fileno())
+    summary_temp = files.summary.with_name(f".{files.summary.name}.tmp-{os.getpid()}")  # atomic_write_text's
+    try:
+        with disk_errors(f"generate: writing {files.summary}", advice=_advice(files), cleanup=summary_temp):
+            atomic_write_text(files.summary, json.dumps(summary, indent=2))
+    except RunDirError:
+        files.temp.unlink(missing_ok=True)
+        raise
+    os.replace(files.temp, files.out)
+    files.partial.unlink()
+    files.settings.unlink(missing_ok=True)
+
+
+# ----------------------------------------------------------------------------------------
+# The command
+
+
+def _output_files(cfg: DistillConfig) -> OutputFiles:
+    if cfg.teacher.name_or_path is None:
+        raise ConfigError("generate needs teacher.name_or_path: the model that answers the prompts")
+    if cfg.generate.output is None:
+        raise ConfigError("generate.output is required: a .jsonl or .parquet file for the teacher's answers")
+    out = Path(os.path.expanduser(cfg.generate.output))
+    if out.suffix not in (".jsonl", ".parquet"):
+        raise ConfigError(f"generate.output={out}: use a .jsonl or .parquet file name")
+    return OutputFiles(out)
+
+
+def generate(config, *, overrides=(), progress: bool = True) -> dict[str, Any]:
+    """Write the teacher's answers to ``generate.output``; returns the summary.
+
+    Cheapest refusals first: the config, the data paths, the lock, the output's state (finished,
+    partial), then preflight (model paths, tokenizer, data rows); the teacher loads last."""
+    from ..data.sources import open_source
+    from ..models.preflight import preflight
+
+    cfg: DistillConfig = as_config(config, overrides)
+    files = _output_files(cfg)
+    refuse_data_paths(files, cfg.data)
+    with output_lock(files):
+        source = open_source(cfg.data.source, cfg=cfg.data, split=cfg.data.split)
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        settings = row_settings(cfg, source.fingerprint, device)
+        summary = finished_summary(files, settings)
+        if summary is not None:
+            log.info("generate: %s is complete", files.out)
+            if files.settings.is_file():  # ours, left by a stop just after the final rename
+                with contextlib.suppress(OSError):
+                    files.partial.unlink(missing_ok=True)
+                    files.settings.unlink()
+            return summary
+        check_partial(files, settings)
+        # The output is ours to write: now the model paths, the tokenizer and the data rows, still
+        # before the teacher loads. The tokenizer renders and counts the prompts.
+        tok = preflight(cfg, role="generate").teacher_tokenizer
+        return _run(cfg, files, settings, source, device, tok, progress)
 
 
 @torch.no_grad()
-def generate(config, *, overrides=(), progress: bool = True) -> dict[str, Any]:
-    """Write the teacher's answers to ``generate.output``; returns the summary."""
+def _run(cfg: DistillConfig, files: OutputFiles, settings: dict, source, device: torch.device, tok,
+         progress: bool) -> dict[str, Any]:
+    """Render the prompts, continue the partial file, publish: the checks have passed."""
     from tqdm.auto import tqdm
 
-    from ..data.sources import open_source
     from ..models.teacher_model import load_teacher
     from ..teachers.capture import model_name
 
-    cfg: DistillConfig = as_config(config, overrides)
     gc, dc = cfg.generate, cfg.data
-    if cfg.teacher.name_or_path is None:
-        raise ConfigError("generate needs teacher.name_or_path: the model that answers the prompts")
-    if gc.output is None:
-        raise ConfigError("generate.output is required: a .jsonl or .parquet file for the teacher's answers")
-    out = Path(gc.output)
-    if out.suffix not in (".jsonl", ".parquet"):
-        raise ConfigError(f"generate.output={out}: use a .jsonl or .parquet file name")
-    summary_path = out.with_name(out.name + ".summary.json")
-    if out.exists() and summary_path.is_file():
-        log.info("generate: %s is complete", out)
-        return json.loads(summary_path.read_text())
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    teacher, tok = load_teacher(cfg.teacher, dtype=torch.float32 if device.type == "cpu" else torch.bfloat16)
-    teacher.to(device)
     use_chat = gc.chat_template and (dc.chat_template is not None or bool(getattr(tok, "chat_template", None)))
-    rows = open_source(dc.source, cfg=dc, split=dc.split).rows()
-    settings = {"num_generations": gc.num_generations, "temperature": gc.temperature, "top_p": gc.top_p,
-                "top_k": gc.top_k, "max_new_tokens": gc.max_new_tokens, "seed": gc.seed, "chat_template": use_chat}
+    rows = source.rows()
+    generation = {"num_generations": gc.num_generations, "temperature": gc.temperature, "top_p": gc.top_p,
+                  "top_k": gc.top_k, "max_new_tokens": gc.max_new_tokens, "seed": gc.seed, "chat_template": use_chat}
     name = model_name(cfg.teacher.name_or_path)
     prompts, skipped_long, skipped_empty = [], 0, 0
     for i in range(len(rows)):
@@ -115,62 +448,51 @@ def generate(config, *, overrides=(), progress: bool = True) -> dict[str, Any]:
             skipped_long += 1
             continue
         prompts.append((i, prompt, ids))
-    partial = out.with_name(out.name + ".partial.jsonl")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    done_lines = _complete_rows(partial, gc.batch_size * gc.num_generations)
+    done_lines, keep_bytes = complete_rows(files.partial, gc.batch_size * gc.num_generations)
+    open_partial(files, settings, keep_bytes)
     start = len(done_lines) // gc.num_generations
-    with open(partial, "w", encoding="utf-8") as fh:  # rewrite the complete part: drops a torn tail
-        fh.write("".join(line + "\n" for line in done_lines))
     if start:
         log.info("generate: continuing after %d of %d prompts", start, len(prompts))
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    bar = tqdm(total=len(prompts), initial=start, desc="generate", unit="prompt", disable=not progress,
-               dynamic_ncols=True)
-    teacher.eval()
-    for a in range(start, len(prompts), gc.batch_size):
-        batch = prompts[a: a + gc.batch_size]
-        width = max(len(p[2]) for p in batch)
-        input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
-        attention = torch.zeros((len(batch), width), dtype=torch.long)
-        for r, (_, _, ids) in enumerate(batch):  # left padding: every prompt ends where generation starts
-            input_ids[r, width - len(ids):] = torch.tensor(ids)
-            attention[r, width - len(ids):] = 1
-        torch.manual_seed(gc.seed * 1_000_003 + a)
-        sample = gc.temperature > 0
-        generated = teacher.generate(
-            input_ids=input_ids.to(device), attention_mask=attention.to(device), do_sample=sample,
-            temperature=gc.temperature if sample else None, top_p=gc.top_p if sample else None,
-            top_k=(gc.top_k or 0) if sample else None, max_new_tokens=gc.max_new_tokens,  # 0: no top-k filter
-            num_return_sequences=gc.num_generations, pad_token_id=pad, eos_token_id=tok.eos_token_id,
-            use_cache=True)
-        new = generated[:, width:].cpu()
-        lines = []
-        for r, (index, prompt, _) in enumerate(batch):
-            for j in range(gc.num_generations):
-                text = tok.decode(new[r * gc.num_generations + j], skip_special_tokens=True)
-                lines.append(json.dumps({"prompt": prompt, "completion": text, "teacher": name,
-                                         "generation": settings, "prompt_index": index, "sample": j},
-                                        ensure_ascii=False))
-        with open(partial, "a", encoding="utf-8") as fh:
-            fh.write("".join(line + "\n" for line in lines))
-            fh.flush()
-            os.fsync(fh.fileno())
-        bar.update(len(batch))
-    bar.close()
-    records = [json.loads(line) for line in partial.read_text(encoding="utf-8").splitlines()]
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    if out.suffix == ".parquet":
-        import pandas as pd
-
-        pd.DataFrame(records).to_parquet(tmp)
-    else:
-        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
-    os.replace(tmp, out)
-    summary = {"output": str(out), "rows": len(records), "prompts": len(prompts), "source_rows": len(rows),
+    if start < len(prompts):  # a run stopped while publishing needs no teacher
+        teacher, _ = load_teacher(cfg.teacher, dtype=_dtype(device), tokenizer=tok)
+        teacher.to(device)
+        teacher.eval()
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        bar = tqdm(total=len(prompts), initial=start, desc="generate", unit="prompt", disable=not progress,
+                   dynamic_ncols=True)
+        for a in range(start, len(prompts), gc.batch_size):
+            batch = prompts[a: a + gc.batch_size]
+            width = max(len(p[2]) for p in batch)
+            input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
+            attention = torch.zeros((len(batch), width), dtype=torch.long)
+            for r, (_, _, ids) in enumerate(batch):  # left padding: every prompt ends where generation starts
+                input_ids[r, width - len(ids):] = torch.tensor(ids)
+                attention[r, width - len(ids):] = 1
+            torch.manual_seed(gc.seed * 1_000_003 + a)
+            sample = gc.temperature > 0
+            generated = teacher.generate(
+                input_ids=input_ids.to(device), attention_mask=attention.to(device), do_sample=sample,
+                temperature=gc.temperature if sample else None, top_p=gc.top_p if sample else None,
+                top_k=(gc.top_k or 0) if sample else None, max_new_tokens=gc.max_new_tokens,  # 0: no top-k filter
+                num_return_sequences=gc.num_generations, pad_token_id=pad, eos_token_id=tok.eos_token_id,
+                use_cache=True)
+            new = generated[:, width:].cpu()
+            lines = []
+            for r, (index, prompt, _) in enumerate(batch):
+                for j in range(gc.num_generations):
+                    text = tok.decode(new[r * gc.num_generations + j], skip_special_tokens=True)
+                    lines.append(json.dumps({"prompt": prompt, "completion": text, "teacher": name,
+                                             "generation": generation, "prompt_index": index, "sample": j},
+                                            ensure_ascii=False))
+            append_rows(files, lines)
+            bar.update(len(batch))
+        bar.close()
+    records = [json.loads(line) for line in files.partial.read_text(encoding="utf-8").splitlines()]
+    summary = {"output": str(files.out), "rows": len(records), "prompts": len(prompts), "source_rows": len(rows),
                "skipped_too_long": skipped_long, "skipped_no_prompt": skipped_empty,
-               "max_prompt_length": gc.max_prompt_length, "teacher": name, "generation": settings}
-    atomic_write_text(summary_path, json.dumps(summary, indent=2))
-    partial.unlink()
+               "max_prompt_length": gc.max_prompt_length, "teacher": name, "generation": generation,
+               "settings": settings}
+    publish(files, records, summary)
     log.info("generate: %d rows from %d prompts -> %s; skipped %d prompts over %d tokens, %d without a prompt",
-             len(records), len(prompts), out, skipped_long, gc.max_prompt_length, skipped_empty)
+             len(records), len(prompts), files.out, skipped_long, gc.max_prompt_length, skipped_empty)
     return summary
