@@ -20,20 +20,14 @@ import potstill
 import potstill.training.checkpoint
 from potstill.errors import DivergedError
 from potstill.training.metrics import read_metrics
+from tiny import run_config
 
 
 def _config(out: Path, teacher_dir: Path, data: Path, **train) -> dict:
-    return {
-        "teacher": {"name_or_path": str(teacher_dir)},
-        "student": {"config": {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
-                               "intermediate_size": 64}},
-        "data": {"source": str(data), "max_length": 48, "validation_fraction": 0.1},
-        "loss": {"logits": {"temperature": 1.5}, "ce": {"weight": 0.2}},
-        "train": {"max_steps": 8, "batch_size": 3, "grad_accum": 2, "lr": 3e-3, "precision": "fp32",
-                  "checkpoint_every": 4, "keep_checkpoints": 3, "log_every": 1, "warmup_steps": 2, **train},
-        "eval": {"every": 4, "max_batches": 1},
-        "output": {"dir": str(out), "tensorboard": False},
-    }
+    return run_config(out, teacher_dir, data, loss={"logits": {"temperature": 1.5}, "ce": {"weight": 0.2}},
+                      eval={"every": 4, "max_batches": 1},
+                      **{"max_steps": 8, "batch_size": 3, "grad_accum": 2, "checkpoint_every": 4, "keep_checkpoints": 3,
+                         "warmup_steps": 2, **train})
 
 
 def _weights(run: Path) -> dict[str, torch.Tensor]:

@@ -7,7 +7,10 @@ import sys
 
 import torch
 
-from potstill.training.metrics import peak_memory_mb
+import json
+import logging
+
+from potstill.training.metrics import peak_memory_mb, read_metrics, truncate_after
 
 
 def test_peak_memory_grows_with_an_allocation():
@@ -26,3 +29,19 @@ def test_a_child_process_does_not_report_its_parents_peak():
     child_peak = float(out.stdout.strip().splitlines()[-1])
     assert child_peak < peak_memory_mb(torch.device("cpu")) - 300
     assert float(parent_block[0]) == 1.0
+
+
+def test_a_torn_or_damaged_metrics_line_is_skipped_with_a_warning(tmp_path, caplog):
+    """A write cut short by a kill or a full disk leaves half a line: resume must still read the log."""
+    path = tmp_path / "metrics.jsonl"
+    good = [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}, {"step": 3, "loss": 1.25}]
+    lines = [json.dumps(r) for r in good]
+    path.write_bytes(("\n".join([lines[0], "[1, 2]", lines[1], '{"step": "x"}', lines[2]]) + "\n"
+                      + '{"step": 4, "lo').encode() + b"\xff")
+    with caplog.at_level(logging.WARNING, logger="potstill"):
+        assert read_metrics(path) == good
+    warned = [r.getMessage() for r in caplog.records]
+    assert [w.split(" line ")[1].split(" ")[0] for w in warned] == ["2", "4", "6"], warned
+    assert all(str(path) in w for w in warned)
+    truncate_after(path, 2)  # what a resume from step 2 does: the damage is gone, the history kept
+    assert path.read_text() == "".join(json.dumps(r) + "\n" for r in good[:2])

@@ -18,6 +18,7 @@ loss form applies (:meth:`potstill.training.objective.Objective.compute`).
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import time
@@ -26,15 +27,17 @@ from pathlib import Path
 
 import torch
 
-from ..atomic import publish_dir
+from ..atomic import disk_errors, publish_dir
 from ..config import DistillConfig, config_to_dict
 from ..data.batching import MicroBatch
 from ..errors import DivergedError, RunDirError
 from ..models.precision import accelerate_mixed_precision, resolve_precision
 from . import checkpoint as ckpt
 from .evaluation import evaluate_models, reduce_sum
-from .metrics import MetricsLogger, peak_memory_mb
+from .metrics import MetricsLogger, peak_memory_mb, read_metrics
 from .objective import step_loss
+from .preemption import StopRequest
+from .resume import apply_resume_changes, check_resume_changes
 from .rundir import STUDENT_DIR, prepare_run_dir, publish_student, write_run_files, write_summary
 from .setup import Run, build_run
 
@@ -65,18 +68,54 @@ def train(cfg: DistillConfig, *, progress: bool = True) -> RunResult:
     run_dir = Path(cfg.output.dir)
     lock = ckpt.RunLock(run_dir).acquire() if accelerator.is_main_process else None
     try:
-        resume_from = prepare_run_dir(cfg, run_dir, is_main=accelerator.is_main_process)
-        accelerator.wait_for_everyone()
+        resume_from = share_resume_point(
+            prepare_run_dir(cfg, run_dir, is_main=True) if accelerator.is_main_process else None, accelerator)
+        changes: dict = {}
+        if resume_from is not None:
+            saved = ckpt.read_state(resume_from)
+            changes = check_resume_changes(saved.get("config") or {}, cfg, resume_from)  # before any model loads
+            complete = completed_run(run_dir, saved, changes)
+            if complete is not None:
+                return complete
         set_seed(cfg.train.seed)
         run = build_run(cfg, accelerator, precision, run_dir, progress=progress)
-        start_step = resume_run(run, resume_from) if resume_from is not None else 0
-        if run.is_main:
-            write_run_files(cfg, run_dir)
-        metrics = MetricsLogger(run_dir, enabled=run.is_main, tensorboard=cfg.output.tensorboard,
-                                resume_step=start_step if resume_from is not None else None)
-        step_log = StepLog(run, metrics, start_step, progress)
-        last_good = ckpt.latest_checkpoint(run_dir)
-        run.student.train()
+        start_step = resume_run(run, resume_from, changes) if resume_from is not None else 0
+        with disk_errors(f"writing the run in {run_dir}", advice=lambda: resume_advice(run_dir), where=run_dir):
+            if run.is_main:
+                write_run_files(cfg, run_dir)
+            metrics = MetricsLogger(run_dir, enabled=run.is_main, tensorboard=cfg.output.tensorboard,
+                                    resume_step=start_step if resume_from is not None else None)
+            last_good = ckpt.latest_checkpoint(run_dir)
+            with StopRequest() as stop:
+                train_metrics = train_steps(run, metrics, start_step, last_good, stop, progress)
+            return finish(run, metrics, train_metrics,
+                          resumed_at_end=resume_from is not None and start_step == run.max_steps)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def share_resume_point(resume_from: Path | None, accelerator) -> Path | None:
+    """The main process's choice of checkpoint (it verified them and set damaged ones aside), on every process."""
+    accelerator.wait_for_everyone()
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        box = [str(resume_from) if resume_from is not None else None]
+        broadcast_object_list(box, from_process=0)
+        resume_from = Path(box[0]) if box[0] else None
+    return resume_from
+
+
+def train_steps(run: Run, metrics: MetricsLogger, start_step: int, last_good: Path | None, stop: StopRequest,
+                progress: bool) -> dict[str, float]:
+    """The optimizer steps from ``start_step`` to the end, with evaluation and checkpoints on their cadence;
+    after each step, stops cleanly (checkpoint, :class:`~potstill.errors.StoppedError`) if asked to.
+    Returns the last training record (mean loss terms, lr, tokens/s, ...)."""
+    cfg = run.cfg
+    step_log = StepLog(run, metrics, start_step, progress)
+    run.student.train()
+    try:
         for step in range(start_step, run.max_steps):
             run.teacher.prefetch(run.tokens.upcoming(step, run.teacher.lookahead, run.max_steps))
             sums, grad_norm = train_step(run, run.tokens.take(step), step, last_good)
@@ -84,13 +123,17 @@ def train(cfg: DistillConfig, *, progress: bool = True) -> RunResult:
             step_log.add(done, sums, grad_norm)
             if cfg.eval.every and done % cfg.eval.every == 0 and done != run.max_steps:
                 evaluate(run, metrics, done)
-            if cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0 and done != run.max_steps:
+            saved = cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0
+            if saved and done != run.max_steps:
                 last_good = save_checkpoint(run, done)
-        step_log.close()
-        return finish(run, metrics, step_log.train_metrics)
+            if done != run.max_steps and stop.agreed(run.accelerator):
+                if not saved:
+                    step_log.flush(done)
+                    last_good = save_checkpoint(run, done)
+                raise stop.error(done, run.max_steps, last_good)
     finally:
-        if lock is not None:
-            lock.release()
+        step_log.close()
+    return step_log.train_metrics
 
 
 def make_accelerator(precision: str):
@@ -155,6 +198,7 @@ class StepLog:
         self.window: dict[str, float] = {}
         self.window_start = time.perf_counter()
         self.train_metrics: dict[str, float] = {}
+        self.grad_norm = 0.0
 
     def add(self, done: int, sums: dict[str, torch.Tensor], grad_norm: float) -> None:
         n_valid = float(sums.pop("n_valid"))
@@ -167,6 +211,7 @@ class StepLog:
         self.window["tokens"] = self.window.get("tokens", 0.0) + totals["tokens"]
         self.window["steps"] = self.window.get("steps", 0.0) + 1
         self.bar.update(1)
+        self.grad_norm = grad_norm
         if done % self.run.cfg.train.log_every == 0 or done == self.run.max_steps:
             self._log(done, grad_norm)
 
@@ -180,6 +225,11 @@ class StepLog:
         self.metrics.log(done, m)
         self.bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{m['tokens_per_s']:.0f}")
         self.train_metrics, self.window, self.window_start = m, {}, time.perf_counter()
+
+    def flush(self, done: int) -> None:
+        """Log the steps since the last record now (the run stops before the next record is due)."""
+        if self.window.get("steps"):
+            self._log(done, self.grad_norm)
 
     def close(self) -> None:
         self.bar.close()
@@ -202,59 +252,120 @@ def evaluate(run: Run, metrics: MetricsLogger, step: int) -> dict[str, float]:
 
 def save_checkpoint(run: Run, step: int) -> Path:
     """Every process's RNG, then the main process's weights, optimizer, schedule and state,
-    published atomically as ``checkpoints/step-N``; older ones pruned."""
+    published atomically as ``checkpoints/step-N``; older ones pruned. A full or read-only disk
+    is one line, and the partial checkpoint is removed."""
     acc, run_dir = run.accelerator, run.run_dir
     tmp = ckpt.temp_checkpoint_dir(run_dir, step)
     acc.wait_for_everyone()
-    ckpt.write_process_state(tmp, acc.process_index)
-    acc.wait_for_everyone()
-    final = ckpt.final_checkpoint_dir(run_dir, step)
-    if run.is_main:
-        ckpt.write_main_state(tmp, model=run.raw_student, tokenizer=run.tokenizer, optimizer=run.optimizer,
-                              scheduler=run.scheduler, state={"step": step, "max_steps": run.max_steps,
-                                                              "config": config_to_dict(run.cfg)},
-                              extra_modules=run.features.checkpoint_modules() if run.features else None)
-        publish_dir(tmp, final)
-        ckpt.prune_checkpoints(run_dir, run.cfg.train.keep_checkpoints)
+    with disk_errors(f"writing checkpoint step {step} to {run_dir}", cleanup=tmp,
+                     advice=lambda: resume_advice(run_dir)):
+        ckpt.write_process_state(tmp, acc.process_index)
+        acc.wait_for_everyone()
+        final = ckpt.final_checkpoint_dir(run_dir, step)
+        if run.is_main:
+            ckpt.write_main_state(tmp, model=run.raw_student, tokenizer=run.tokenizer, optimizer=run.optimizer,
+                                  scheduler=run.scheduler, state={"step": step, "max_steps": run.max_steps,
+                                                                  "config": config_to_dict(run.cfg)},
+                                  extra_modules=run.features.checkpoint_modules() if run.features else None)
+            publish_dir(tmp, final)
+            ckpt.prune_checkpoints(run_dir, run.cfg.train.keep_checkpoints)
     acc.wait_for_everyone()
     return final
 
 
-def resume_run(run: Run, checkpoint: Path) -> int:
-    """Restore everything a checkpoint holds; returns the step to continue from."""
+def resume_advice(run_dir: Path) -> str:
+    """What to do after a file-system failure: fix it, then resume (from which checkpoint)."""
+    latest = ckpt.latest_checkpoint(run_dir)
+    where = f"from {latest}" if latest is not None else "(no checkpoint was written yet: it starts over)"
+    return f"free space or make the folder writable, then run the same command with train.resume=auto {where}"
+
+
+def resume_run(run: Run, checkpoint: Path, changes: dict) -> int:
+    """Restore everything a checkpoint holds, with the allowed ``changes`` of settings applied
+    (:mod:`potstill.training.resume`); returns the step to continue from."""
     state = ckpt.read_state(checkpoint)
+    step = int(state["step"])
     ckpt.load_student_weights(checkpoint, run.raw_student)
-    run.optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", map_location=run.device, weights_only=False))
-    run.scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=False))
+    fresh_groups = [{k: v for k, v in g.items() if k != "params"} for g in run.optimizer.param_groups]
+    # "cpu", not run.device: under torchrun on CPUs the device is cpu:<rank>, which torch.load cannot map to.
+    where = run.device if run.device.type != "cpu" else "cpu"
+    run.optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", map_location=where, weights_only=False))
+    apply_resume_changes(changes, optimizer=run.optimizer, scheduler=run.scheduler, fresh_groups=fresh_groups,
+                         saved_scheduler_state=torch.load(checkpoint / "scheduler.pt", weights_only=False), step=step)
     ckpt.load_rng(checkpoint, run.accelerator.process_index)
     if run.features is not None:
         run.features.load_checkpoint(checkpoint)
-    step = int(state["step"])
+    if step > run.max_steps:
+        raise RunDirError(f"{checkpoint} is at step {step}, past this run's {run.max_steps} steps: raise "
+                          "train.max_steps (or train.epochs) to at least that, or start a new run")
     log.info("resumed from %s (step %d of %d)", checkpoint, step, run.max_steps)
-    if state.get("max_steps") != run.max_steps:
-        log.warning("the checkpoint was written by a run of %s steps, this one has %d: the learning-rate "
-                    "schedule continues from the old run's state", state.get("max_steps"), run.max_steps)
     return step
 
 
-def finish(run: Run, metrics: MetricsLogger, train_metrics: dict[str, float]) -> RunResult:
-    """Final evaluation and checkpoint, the student saved with save_pretrained, the summary."""
-    final_eval = evaluate(run, metrics, run.max_steps)
-    save_checkpoint(run, run.max_steps)
+def completed_run(run_dir: Path, saved: dict, changes: dict) -> RunResult | None:
+    """The finished run's result when ``saved`` (the resumed checkpoint's state) is its last step, its
+    summary and student were written, and its length is unchanged: nothing to do, nothing rewritten."""
+    summary_path, student_dir = run_dir / "summary.json", run_dir / STUDENT_DIR
+    if saved.get("step") != saved.get("max_steps") or "train.max_steps" in changes or "train.epochs" in changes:
+        return None
+    if not (summary_path.is_file() and student_dir.is_dir()):
+        return None  # stopped after its last checkpoint: finish() completes it
+    try:
+        summary = json.loads(summary_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None  # a damaged summary is written again
+    if not isinstance(summary, dict) or summary.get("steps") != saved.get("step"):
+        return None  # the summary of an earlier, shorter finish: this one completes it
+    log.info("%s is already complete (step %d of %d): nothing to do; raise train.max_steps to train longer",
+             run_dir, saved["step"], saved["max_steps"])
+    return RunResult(output_dir=run_dir, student_dir=student_dir, steps=int(saved["step"]),
+                     final_eval=summary.get("final_eval") or {}, train_metrics=summary.get("train") or {})
+
+
+def finish(run: Run, metrics: MetricsLogger, train_metrics: dict[str, float], *,
+           resumed_at_end: bool = False) -> RunResult:
+    """Final evaluation and checkpoint, the student saved with save_pretrained, the summary.
+
+    ``resumed_at_end``: the run was stopped after its final checkpoint; its final evaluation
+    (already in metrics.jsonl) and checkpoint are reused, not recorded twice."""
+    final_eval = logged_eval(metrics.path, run.max_steps) if resumed_at_end else None
+    if final_eval is None:
+        final_eval = evaluate(run, metrics, run.max_steps)
+    if not resumed_at_end:
+        save_checkpoint(run, run.max_steps)
+    train_metrics = train_metrics or last_train_record(metrics.path)
     student_dir = run.run_dir / STUDENT_DIR
     if run.is_main:
         projectors = run.features.projectors if run.features is not None and run.features.hidden_pairs else None
-        student_dir = publish_student(run.run_dir, run.raw_student, run.tokenizer, projectors)
-        write_summary(run.run_dir, {
-            "steps": run.max_steps, "final_eval": final_eval, "train": train_metrics,
-            "student_parameters": run.n_params, "train_examples": len(run.train_ds),
-            "train_tokens_per_epoch": getattr(run.train_ds, "n_tokens", None)})
+        with disk_errors(f"saving the student to {student_dir}", cleanup=run.run_dir / ".tmp-student",
+                         advice=lambda: resume_advice(run.run_dir)):
+            student_dir = publish_student(run.run_dir, run.raw_student, run.tokenizer, projectors)
+            write_summary(run.run_dir, {
+                "steps": run.max_steps, "final_eval": final_eval, "train": train_metrics,
+                "student_parameters": run.n_params, "train_examples": len(run.train_ds),
+                "train_tokens_per_epoch": getattr(run.train_ds, "n_tokens", None)})
     metrics.close()
     run.accelerator.wait_for_everyone()
     run.teacher.close()
     log.info("done: student saved to %s", student_dir)
     return RunResult(output_dir=run.run_dir, student_dir=student_dir, steps=run.max_steps, final_eval=final_eval,
                      train_metrics=train_metrics)
+
+
+def logged_eval(path: Path, step: int) -> dict[str, float] | None:
+    """The evaluation recorded at ``step`` in metrics.jsonl (without the ``eval/`` prefix), if any."""
+    for record in reversed(read_metrics(path)):
+        if record.get("step") == step and any(k.startswith("eval/") for k in record):
+            return {k.removeprefix("eval/"): v for k, v in record.items() if k.startswith("eval/")}
+    return None
+
+
+def last_train_record(path: Path) -> dict[str, float]:
+    """The newest training record of metrics.jsonl (loss terms, lr, ...), without its step."""
+    for record in reversed(read_metrics(path)):
+        if "loss" in record:
+            return {k: v for k, v in record.items() if k != "step"}
+    return {}
 
 
 def diverged_message(step: int, what: str, last_good: Path | None) -> str:

@@ -7,6 +7,7 @@ first, so the file reads as if the run had never stopped.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
 import resource
@@ -21,6 +22,8 @@ import torch
 from ..atomic import atomic_write_text
 
 METRICS_FILE = "metrics.jsonl"
+
+log = logging.getLogger("potstill")
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -112,10 +115,26 @@ def _plain(value: Any) -> Any:
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl. A line that is not a JSON object (the torn tail of a write
+    cut short by a kill or a full disk, or damage) is skipped with a warning naming it: losing
+    one log record must not stop a resume."""
     path = Path(path)
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    records = []
+    text = path.read_bytes().decode("utf-8", errors="replace")
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if not isinstance(record, dict) or not isinstance(record.get("step", 0), int):
+            log.warning("%s line %d is not a metrics record (a write cut short?): skipped", path, number)
+            continue
+        records.append(record)
+    return records
 
 
 def truncate_after(path: Path, step: int) -> None:

@@ -1,0 +1,121 @@
+"""Resuming with changed settings: which keys may change, refusing the others, using the new values.
+
+A checkpoint stores the config of the run that wrote it. Resuming compares it with the config
+given now. Keys in :data:`MAY_CHANGE` take their new values (a lower learning rate after a
+divergence, a longer schedule, another evaluation cadence); any other difference is refused
+in one line that names the keys, before a model is loaded: data, batch shape, models, seed
+and precision decide what the saved state means, so changing them would silently train
+something else.
+
+The learning-rate schedule is rebuilt from the new settings and set to the resumed step, so
+``lr(step)`` is what a run started with the new settings would use at that step. Without a
+change the saved optimizer and scheduler state are used as they are (bit-exact resume).
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from typing import Any
+
+from ..config import DistillConfig, config_to_dict
+from ..errors import ConfigError
+
+log = logging.getLogger("potstill")
+
+# Keys (or whole sections, ending in '.') whose value may differ on resume.
+MAY_CHANGE: tuple[str, ...] = (
+    # the schedule and the optimizer's hyperparameters
+    "train.lr", "train.max_steps", "train.epochs", "train.scheduler", "train.warmup_steps", "train.warmup_ratio",
+    "train.weight_decay", "train.adam_betas", "train.adam_eps", "train.max_grad_norm",
+    # cadence, bookkeeping and how the run was started
+    "train.checkpoint_every", "train.keep_checkpoints", "train.log_every", "train.resume",
+    "eval.", "output.", "cache.", "generate.", "stages",
+    # the logit and CE terms carry no state; the loss path computes the same values
+    "loss.logits.", "loss.ce.", "loss.path", "loss.chunk_size", "loss.memory_budget_mb",
+    # memory only
+    "student.gradient_checkpointing", "data.cache_dir",
+)
+# Changing these rebuilds the learning-rate schedule from the new settings.
+SCHEDULE_KEYS = ("train.lr", "train.max_steps", "train.epochs", "train.scheduler", "train.warmup_steps",
+                 "train.warmup_ratio")
+OPTIMIZER_KEYS = {"train.weight_decay": "weight_decay", "train.adam_betas": "betas", "train.adam_eps": "eps"}
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """{'train': {'lr': 1}} -> {'train.lr': 1}; lists and scalars are leaves."""
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        out.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return out
+
+
+def config_changes(saved: dict[str, Any], cfg: DistillConfig) -> dict[str, tuple[Any, Any]]:
+    """Keys whose value differs between the checkpoint's config and ``cfg``: key -> (saved, now).
+
+    Keys the saved config does not have (written by an older potstill) are not compared, nor
+    values given as objects from Python on either side (a model or dataset object saved as its
+    type name cannot be compared with a path)."""
+    old, new = flatten(saved), flatten(config_to_dict(cfg))
+    return {k: (old[k], new[k]) for k in sorted(old)
+            if k in new and not (_is_object(old[k]) or _is_object(new[k])) and _normal(old[k]) != _normal(new[k])}
+
+
+def _is_object(value: Any) -> bool:
+    """A placeholder of :func:`~potstill.config.config_to_dict` for an object passed from Python."""
+    return isinstance(value, str) and value.startswith(("<object ", "<in-memory "))
+
+
+def _normal(value: Any) -> Any:
+    return [_normal(v) for v in value] if isinstance(value, (list, tuple)) else value
+
+
+def may_change(key: str) -> bool:
+    return any(key == k or (k.endswith(".") and key.startswith(k)) for k in MAY_CHANGE)
+
+
+def check_resume_changes(saved: dict[str, Any], cfg: DistillConfig, checkpoint) -> dict[str, tuple[Any, Any]]:
+    """The allowed changes (logged); raises one ConfigError line naming every key that may not change."""
+    changes = config_changes(saved, cfg)
+    refused = {k: v for k, v in changes.items() if not may_change(k)}
+    if refused:
+        shown = ", ".join(f"{k} ({_short(a)} -> {_short(b)})" for k, (a, b) in refused.items())
+        raise ConfigError(
+            f"cannot resume {checkpoint} with changed {shown}: data, batch shape, models, seed and precision must "
+            "stay as the checkpoint's run had them; restore them, or start a new run in another output.dir "
+            "(keys that may change on resume: see 'Resuming' in the README)")
+    allowed = {k: v for k, v in changes.items() if k != "train.resume" and not k.startswith("output.")}
+    if allowed:
+        log.info("resuming with changed %s", ", ".join(f"{k} {_short(a)} -> {_short(b)}" for k, (a, b) in allowed.items()))
+    return changes
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def apply_resume_changes(changes: dict[str, Any], *, optimizer, scheduler, fresh_groups: list[dict[str, Any]],
+                         saved_scheduler_state: dict[str, Any], step: int) -> None:
+    """Load the scheduler state, or rebuild the schedule at ``step`` when its settings changed.
+
+    ``fresh_groups`` are the optimizer's param-group hyperparameters as built from the new
+    config (before the checkpoint's optimizer state overwrote them); ``scheduler`` was built
+    from the new config too. ``optimizer`` already holds the checkpoint's state."""
+    for key, name in OPTIMIZER_KEYS.items():
+        if key in changes:
+            for group, fresh in zip(optimizer.param_groups, fresh_groups):
+                group[name] = fresh[name]
+    if not any(k in changes for k in SCHEDULE_KEYS):
+        scheduler.load_state_dict(saved_scheduler_state)
+        return
+    peaks = [fresh.get("initial_lr", fresh["lr"]) for fresh in fresh_groups]  # the schedule already scaled "lr"
+    for group, peak in zip(optimizer.param_groups, peaks):
+        group["initial_lr"] = peak
+    scheduler.base_lrs = peaks
+    scheduler.last_epoch = step - 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "scheduler.step() before optimizer.step()": intended here
+        scheduler.step()  # sets every group's lr to lr(step) of the new schedule
