@@ -4,6 +4,7 @@ a finished run re-run changes nothing; a run stopped after its last checkpoint c
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -103,6 +104,14 @@ def test_keys_that_cannot_change_are_refused_before_any_model_loads(tmp_path, te
     for key in ("train.batch_size (2 -> 3)", "train.seed (0 -> 7)", "data.max_length (48 -> 40)"):
         assert key in message, message
     assert "train.max_steps" not in message  # allowed, not named
+    # The same data file by another spelling of its path is not a change.
+    from potstill.config import as_config
+    from potstill.training.resume import config_changes
+
+    saved = json.loads((run / "checkpoints" / "step-000003" / "state.json").read_text())["config"]
+    same = as_config(_config(run, teacher_dir, text_jsonl, max_steps=3),
+                     [f"data.source={Path(os.path.relpath(text_jsonl))}"])
+    assert config_changes(saved, same) == {}
     assert _listing(run) == listing
 
 

@@ -337,3 +337,14 @@ def test_evaluate_refuses_missing_paths_and_unfinished_runs(tmp_path, student_di
     (run / "config.yaml").write_text("data: {source: x}\n")
     with pytest.raises(ConfigError, match="run directory without student/"):
         evaluate(str(run), progress=False)
+
+
+def test_a_cached_teacher_run_without_a_student_tokenizer_says_which_one_to_give(tmp_path, teacher_dir, text_jsonl,
+                                                                                no_weight_loading):
+    cfg = make_config(tmp_path, teacher_dir, text_jsonl, teacher={"cache": str(tmp_path / "cache-dir")})
+    with pytest.raises(ModelError) as err:
+        preflight(cfg, role="distill")
+    assert "set student.tokenizer to the tokenizer the cache was captured with" in one_line(err)
+    cfg = make_config(tmp_path, teacher_dir, text_jsonl, teacher={"cache": str(tmp_path / "cache-dir")},
+                      student={"config": dict(tiny.TINY_STUDENT), "tokenizer": str(teacher_dir)})
+    assert preflight(cfg, role="distill").tokenizer is not None

@@ -77,6 +77,9 @@ def preflight(cfg: DistillConfig | dict | str | os.PathLike, *, role: str = "dis
     teacher = next((m for m in models if m.role == "teacher"), None)
     teacher_tok = teacher_tokenizer(cfg.teacher) if teacher is not None else None
     if role == "distill":
+        if teacher_tok is None and student_tokenizer_ref(cfg.student) is None and cfg.teacher.cache is not None:
+            raise ModelError("teacher.cache loads no teacher (nor its tokenizer), so the student needs its own: set "
+                             "student.tokenizer to the tokenizer the cache was captured with")
         tok = student_tokenizer(cfg.student, student_tokenizer_ref(cfg.student), teacher_tok)
     else:
         tok = teacher_tok

@@ -15,6 +15,7 @@ change the saved optimizer and scheduler state are used as they are (bit-exact r
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 from typing import Any
 
@@ -69,7 +70,17 @@ def _is_object(value: Any) -> bool:
 
 
 def _normal(value: Any) -> Any:
-    return [_normal(v) for v in value] if isinstance(value, (list, tuple)) else value
+    """Lists and tuples alike; a path to an existing file or folder by where it leads (``data.jsonl``
+    and ``/work/data.jsonl`` are the same data)."""
+    if isinstance(value, (list, tuple)):
+        return [_normal(v) for v in value]
+    if isinstance(value, str) and 0 < len(value) <= 4096 and "\n" not in value:
+        try:
+            if os.path.exists(value):
+                return os.path.realpath(value)
+        except (OSError, ValueError):
+            pass
+    return value
 
 
 def may_change(key: str) -> bool:

@@ -91,9 +91,9 @@ def build_run(cfg: DistillConfig, accelerator, precision: str, run_dir: Path, *,
     device = accelerator.device
     autocast = autocast_context(precision, device)
     # Data are tokenized next, before any model loads: that checks every row, so preflight need not.
-    checked = preflight(cfg, role="distill", check_data=False)
-    if cfg.teacher.cache is not None:  # its manifest, before the data and the student: a missing cache is one line
+    if cfg.teacher.cache is not None:  # its manifest first: a missing or damaged cache is one line
         check_manifest(Path(cfg.teacher.cache), read_manifest(Path(cfg.teacher.cache)))
+    checked = preflight(cfg, role="distill", check_data=False)
     with accelerator.main_process_first():
         train_ds, val_ds = build_datasets(cfg.data, checked.tokenizer, seed=cfg.train.seed,
                                           progress=progress and accelerator.is_main_process)
