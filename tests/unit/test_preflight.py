@@ -346,5 +346,5 @@ def test_a_cached_teacher_run_without_a_student_tokenizer_says_which_one_to_give
         preflight(cfg, role="distill")
     assert "set student.tokenizer to the tokenizer the cache was captured with" in one_line(err)
     cfg = make_config(tmp_path, teacher_dir, text_jsonl, teacher={"cache": str(tmp_path / "cache-dir")},
-                      student={"config": dict(tiny.TINY_STUDENT), "tokenizer": str(teacher_dir)})
+                      student={"config": {"model_type": "llama", **tiny.TINY_STUDENT}, "tokenizer": str(teacher_dir)})
     assert preflight(cfg, role="distill").tokenizer is not None
