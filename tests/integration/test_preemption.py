@@ -158,3 +158,85 @@ def _workers(parent: int) -> list[int]:
     """The child processes of torchrun that run potstill."""
     out = subprocess.run(["pgrep", "-P", str(parent)], capture_output=True, text=True).stdout.split()
     return [int(pid) for pid in out]
+
+
+def _wait_for(predicate, proc: subprocess.Popen, what: str) -> None:
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None and not predicate():
+        time.sleep(0.02)
+    assert proc.poll() is None, f"{what}: the command ended before the signal: " + proc.stderr.read().decode()[-3000:]
+
+
+def test_sigterm_stops_generate_after_a_batch_and_it_continues_to_the_same_file(tmp_path, teacher_dir, chat_jsonl):
+    def config(out: Path) -> Path:
+        cfg = {"teacher": {"name_or_path": str(teacher_dir)}, "data": {"source": str(chat_jsonl)},
+               "generate": {"output": str(out), "max_new_tokens": 120, "batch_size": 1, "temperature": 1.0,
+                            "max_prompt_length": 256}}
+        path = out.with_suffix(".yaml")
+        path.write_text(yaml.safe_dump(cfg))
+        return path
+
+    out = tmp_path / "stopped" / "gen.jsonl"
+    out.parent.mkdir()
+    partial = out.with_name("gen.jsonl.partial.jsonl")
+    proc = subprocess.Popen([sys.executable, "-m", "potstill", "generate", str(config(out)), "--no-progress"],
+                            env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _wait_for(lambda: partial.is_file() and partial.read_text().count("\n") >= 2, proc, "generate")
+    os.kill(proc.pid, signal.SIGTERM)
+    stderr = proc.communicate(timeout=240)[1].decode()
+    assert proc.returncode == 143, stderr[-3000:]
+    [line] = _error_lines(stderr)
+    kept = partial.read_text().count("\n")
+    assert f"stopped by SIGTERM after {kept} of " in line and "run the same command again" in line, line
+    assert not out.exists()
+
+    resumed = subprocess.run([sys.executable, "-m", "potstill", "generate", str(config(out)), "--no-progress"],
+                             env=ENV, capture_output=True, text=True, timeout=400)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    straight = tmp_path / "straight" / "gen.jsonl"
+    straight.parent.mkdir()
+    done = subprocess.run([sys.executable, "-m", "potstill", "generate", str(config(straight)), "--no-progress"],
+                          env=ENV, capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [[json.loads(x) for x in p.read_text().splitlines()] for p in (out, straight)]
+    assert [(r["prompt_index"], r["completion"]) for r in rows[0]] == [(r["prompt_index"], r["completion"])
+                                                                        for r in rows[1]]
+
+
+def test_sigterm_stops_cache_teacher_after_a_shard_and_it_continues_to_the_same_files(tmp_path, teacher_dir):
+    import sys as _sys
+
+    _sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import tiny
+
+    data = tiny.write_jsonl(tmp_path / "many.jsonl", [{"text": s} for s in tiny.synthetic_sentences(1500, seed=3)])
+
+    def config(folder: Path) -> Path:
+        cfg = {"teacher": {"name_or_path": str(teacher_dir)},
+               "data": {"source": str(data), "max_length": 48, "validation_fraction": 0.0},
+               "train": {"precision": "fp32", "batch_size": 1},
+               "cache": {"dir": str(folder), "k": 4, "examples_per_shard": 1}}
+        path = tmp_path / f"{folder.name}.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        return path
+
+    folder = tmp_path / "stopped"
+    proc = subprocess.Popen([sys.executable, "-m", "potstill", "cache-teacher", str(config(folder)), "--no-progress"],
+                            env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _wait_for(lambda: len(list(folder.glob("shard-*.npz"))) >= 3, proc, "cache-teacher")
+    os.kill(proc.pid, signal.SIGTERM)
+    stderr = proc.communicate(timeout=240)[1].decode()
+    assert proc.returncode == 143, stderr[-3000:]
+    [line] = _error_lines(stderr)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    n = len(manifest["shards"])
+    assert f"stopped by SIGTERM after shard {n} of {manifest['n_shards']}" in line, line
+    assert not manifest["complete"] and sorted(p.name for p in folder.glob("shard-*")) == [
+        e["file"] for e in manifest["shards"]]
+
+    for cfg in (config(folder), config(tmp_path / "straight")):
+        done = subprocess.run([sys.executable, "-m", "potstill", "cache-teacher", str(cfg), "--no-progress"],
+                              env=ENV, capture_output=True, text=True, timeout=400)
+        assert done.returncode == 0, done.stderr[-3000:]
+    for shard in sorted((tmp_path / "straight").glob("shard-*.npz")):
+        assert (folder / shard.name).read_bytes() == shard.read_bytes(), shard.name

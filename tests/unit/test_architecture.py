@@ -22,7 +22,8 @@ SKIP_DIRS = {"assets"}
 # (layer, exact module names, packages whose module and submodules belong to the layer), lowest layer first.
 LAYERS: list[tuple[str, frozenset[str], tuple[str, ...]]] = [
     ("ground", frozenset({"potstill.config", "potstill.errors", "potstill.atomic", "potstill.version",
-                          "potstill.ownership", "potstill.locking"}), ()),
+                          "potstill.ownership", "potstill.locking",
+                          "potstill.stopping"}), ()),
     ("losses", frozenset(), ("potstill.losses",)),
     ("data", frozenset(), ("potstill.data",)),
     ("models", frozenset(), ("potstill.models",)),

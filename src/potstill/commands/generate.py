@@ -51,6 +51,7 @@ from ..atomic import atomic_write_text, disk_errors
 from ..config import DistillConfig, as_config
 from ..errors import ConfigError, DataError, RunDirError
 from ..locking import FileLock
+from ..stopping import StopRequest
 
 log = logging.getLogger("potstill")
 
@@ -457,36 +458,13 @@ def _run(cfg: DistillConfig, files: OutputFiles, settings: dict, source, device:
         teacher, _ = load_teacher(cfg.teacher, dtype=_dtype(device), tokenizer=tok)
         teacher.to(device)
         teacher.eval()
-        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         bar = tqdm(total=len(prompts), initial=start, desc="generate", unit="prompt", disable=not progress,
                    dynamic_ncols=True)
-        for a in range(start, len(prompts), gc.batch_size):
-            batch = prompts[a: a + gc.batch_size]
-            width = max(len(p[2]) for p in batch)
-            input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
-            attention = torch.zeros((len(batch), width), dtype=torch.long)
-            for r, (_, _, ids) in enumerate(batch):  # left padding: every prompt ends where generation starts
-                input_ids[r, width - len(ids):] = torch.tensor(ids)
-                attention[r, width - len(ids):] = 1
-            torch.manual_seed(gc.seed * 1_000_003 + a)
-            sample = gc.temperature > 0
-            generated = teacher.generate(
-                input_ids=input_ids.to(device), attention_mask=attention.to(device), do_sample=sample,
-                temperature=gc.temperature if sample else None, top_p=gc.top_p if sample else None,
-                top_k=(gc.top_k or 0) if sample else None, max_new_tokens=gc.max_new_tokens,  # 0: no top-k filter
-                num_return_sequences=gc.num_generations, pad_token_id=pad, eos_token_id=tok.eos_token_id,
-                use_cache=True)
-            new = generated[:, width:].cpu()
-            lines = []
-            for r, (index, prompt, _) in enumerate(batch):
-                for j in range(gc.num_generations):
-                    text = tok.decode(new[r * gc.num_generations + j], skip_special_tokens=True)
-                    lines.append(json.dumps({"prompt": prompt, "completion": text, "teacher": name,
-                                             "generation": generation, "prompt_index": index, "sample": j},
-                                            ensure_ascii=False))
-            append_rows(files, lines)
-            bar.update(len(batch))
-        bar.close()
+        try:
+            with StopRequest() as stop:
+                _generate_batches(cfg, files, prompts, start, teacher, tok, device, generation, name, bar, stop)
+        finally:
+            bar.close()
     records = [json.loads(line) for line in files.partial.read_text(encoding="utf-8").splitlines()]
     summary = {"output": str(files.out), "rows": len(records), "prompts": len(prompts), "source_rows": len(rows),
                "skipped_too_long": skipped_long, "skipped_no_prompt": skipped_empty,
@@ -496,3 +474,41 @@ def _run(cfg: DistillConfig, files: OutputFiles, settings: dict, source, device:
     log.info("generate: %d rows from %d prompts -> %s; skipped %d prompts over %d tokens, %d without a prompt",
              len(records), len(prompts), files.out, skipped_long, gc.max_prompt_length, skipped_empty)
     return summary
+
+
+def _generate_batches(cfg: DistillConfig, files: OutputFiles, prompts: list, start: int, teacher, tok,
+                      device: torch.device, generation: dict, name: str, bar, stop: StopRequest) -> None:
+    """Generate and append the rows of prompts[start:], a batch at a time (each fsynced); stop
+    cleanly after a batch when SIGTERM or Ctrl-C asked for it."""
+    gc = cfg.generate
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    for a in range(start, len(prompts), gc.batch_size):
+        batch = prompts[a: a + gc.batch_size]
+        width = max(len(p[2]) for p in batch)
+        input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
+        attention = torch.zeros((len(batch), width), dtype=torch.long)
+        for r, (_, _, ids) in enumerate(batch):  # left padding: every prompt ends where generation starts
+            input_ids[r, width - len(ids):] = torch.tensor(ids)
+            attention[r, width - len(ids):] = 1
+        torch.manual_seed(gc.seed * 1_000_003 + a)
+        sample = gc.temperature > 0
+        generated = teacher.generate(
+            input_ids=input_ids.to(device), attention_mask=attention.to(device), do_sample=sample,
+            temperature=gc.temperature if sample else None, top_p=gc.top_p if sample else None,
+            top_k=(gc.top_k or 0) if sample else None, max_new_tokens=gc.max_new_tokens,  # 0: no top-k filter
+            num_return_sequences=gc.num_generations, pad_token_id=pad, eos_token_id=tok.eos_token_id,
+            use_cache=True)
+        new = generated[:, width:].cpu()
+        lines = []
+        for r, (index, prompt, _) in enumerate(batch):
+            for j in range(gc.num_generations):
+                text = tok.decode(new[r * gc.num_generations + j], skip_special_tokens=True)
+                lines.append(json.dumps({"prompt": prompt, "completion": text, "teacher": name,
+                                         "generation": generation, "prompt_index": index, "sample": j},
+                                        ensure_ascii=False))
+        append_rows(files, lines)
+        bar.update(len(batch))
+        if stop.agreed() and a + gc.batch_size < len(prompts):
+            done = min(a + gc.batch_size, len(prompts))
+            raise stop.stopped(f"after {done} of {len(prompts)} prompts; their rows are kept in {files.partial}: "
+                               "run the same command again to continue")

@@ -30,11 +30,12 @@ from ..atomic import disk_errors
 from ..config import DistillConfig, as_config
 from ..data import build_datasets, collate
 from ..errors import ConfigError
-from ..ownership import check_writable, input_paths, is_within, mark_owned, owner_kind
 from ..models.precision import autocast_context, compute_dtype, resolve_precision
 from ..models.preflight import preflight
 from ..models.teacher_model import load_teacher, teacher_dtype
 from ..models.vocab import output_rows
+from ..ownership import check_writable, input_paths, is_within, mark_owned, owner_kind
+from ..stopping import StopRequest
 from . import cache_format as fmt
 from .cache_format import CacheError
 from .cached import tokenizer_sha256
@@ -133,33 +134,37 @@ def cache_teacher(config, *, overrides=(), progress: bool = True) -> dict[str, A
                dynamic_ncols=True)
     t0 = time.perf_counter()
     teacher.eval()
-    for s in range(start, header["n_shards"]):
-        lo, hi = s * per_shard, min((s + 1) * per_shard, n)
-        t_shard = time.perf_counter()
-        gen = None
-        if cc.kind == "sampled":
-            gen = torch.Generator(device=device).manual_seed(cc.seed * 1_000_003 + s)
-        parts: list[dict[str, np.ndarray]] = []
-        counts: list[np.ndarray] = []
-        for a in range(lo, hi, batch_size):
-            batch = collate([train_ds[i] for i in range(a, min(a + batch_size, hi))], tok.pad_token_id)
-            batch = {key: v.to(device) for key, v in batch.items()}
-            with torch.no_grad(), autocast():
-                logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            rows, per_example = teacher_rows(logits, batch["labels"], kind=cc.kind, k=k,
-                                             temperature=header["temperature"], generator=gen)
-            parts.append({key: v.cpu().numpy() for key, v in rows.items()})
-            counts.append(per_example.cpu().numpy())
-            bar.update(int(batch["attention_mask"][:, 1:].sum()))
-        rows_np = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
-        arrays = encode_rows(rows_np, kind=cc.kind, vocab_size=vocab, value_bits=cc.value_bits)
-        arrays["offsets"] = np.concatenate([[0], np.cumsum(np.concatenate(counts))]).astype(np.int64)
-        with _writing(folder, done=s):
-            entry = fmt.write_shard(folder, s, arrays)
-            entry.update(examples=[lo, hi], rows=int(arrays["offsets"][-1]),
-                         seconds=round(time.perf_counter() - t_shard, 3))
-            manifest["shards"].append(entry)
-            fmt.write_manifest(folder, manifest)
+    with StopRequest() as stop:  # SIGTERM / Ctrl-C: finish the shard in hand, keep it, stop
+        for s in range(start, header["n_shards"]):
+            lo, hi = s * per_shard, min((s + 1) * per_shard, n)
+            t_shard = time.perf_counter()
+            gen = None
+            if cc.kind == "sampled":
+                gen = torch.Generator(device=device).manual_seed(cc.seed * 1_000_003 + s)
+            parts: list[dict[str, np.ndarray]] = []
+            counts: list[np.ndarray] = []
+            for a in range(lo, hi, batch_size):
+                batch = collate([train_ds[i] for i in range(a, min(a + batch_size, hi))], tok.pad_token_id)
+                batch = {key: v.to(device) for key, v in batch.items()}
+                with torch.no_grad(), autocast():
+                    logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                rows, per_example = teacher_rows(logits, batch["labels"], kind=cc.kind, k=k,
+                                                 temperature=header["temperature"], generator=gen)
+                parts.append({key: v.cpu().numpy() for key, v in rows.items()})
+                counts.append(per_example.cpu().numpy())
+                bar.update(int(batch["attention_mask"][:, 1:].sum()))
+            rows_np = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
+            arrays = encode_rows(rows_np, kind=cc.kind, vocab_size=vocab, value_bits=cc.value_bits)
+            arrays["offsets"] = np.concatenate([[0], np.cumsum(np.concatenate(counts))]).astype(np.int64)
+            with _writing(folder, done=s):
+                entry = fmt.write_shard(folder, s, arrays)
+                entry.update(examples=[lo, hi], rows=int(arrays["offsets"][-1]),
+                             seconds=round(time.perf_counter() - t_shard, 3))
+                manifest["shards"].append(entry)
+                fmt.write_manifest(folder, manifest)
+            if stop.agreed() and s + 1 < header["n_shards"]:
+                raise stop.stopped(f"after shard {s + 1} of {header['n_shards']}; the complete shards are kept in "
+                                   f"{folder}: run the same command again to continue")
     bar.close()
     rows_total = sum(e["rows"] for e in manifest["shards"])
     bytes_total = sum(e["bytes"] for e in manifest["shards"])

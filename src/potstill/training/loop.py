@@ -32,13 +32,19 @@ from ..config import DistillConfig, config_to_dict
 from ..data.batching import MicroBatch
 from ..errors import DivergedError, RunDirError
 from ..models.precision import accelerate_mixed_precision, resolve_precision
+from ..stopping import StopRequest
 from . import checkpoint as ckpt
 from .evaluation import evaluate_models, reduce_sum
 from .metrics import MetricsLogger, peak_memory_mb, read_metrics
 from .objective import step_loss
-from .preemption import StopRequest
 from .resume import apply_resume_changes, check_resume_changes
-from .rundir import STUDENT_DIR, prepare_run_dir, publish_student, write_run_files, write_summary
+from .rundir import (
+    STUDENT_DIR,
+    prepare_run_dir,
+    publish_student,
+    write_run_files,
+    write_summary,
+)
 from .setup import Run, build_run
 
 log = logging.getLogger("potstill")
@@ -130,7 +136,8 @@ def train_steps(run: Run, metrics: MetricsLogger, start_step: int, last_good: Pa
                 if not saved:
                     step_log.flush(done)
                     last_good = save_checkpoint(run, done)
-                raise stop.error(done, run.max_steps, last_good)
+                raise stop.stopped(f"after step {done} of {run.max_steps}; checkpoint {last_good} is complete: "
+                                   "continue with the same command and train.resume=auto")
     finally:
         step_log.close()
     return step_log.train_metrics

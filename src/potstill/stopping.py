@@ -1,16 +1,18 @@
 """Stop cleanly when asked: SIGTERM (SLURM, Kubernetes, spot instances) or Ctrl-C.
 
-A signal during training only sets a flag; the loop finishes the step it is in, and after
-the step all processes agree (one tiny all-reduce: a launcher or a scheduler may signal some
-ranks and not others), write a checkpoint and stop with
-:class:`~potstill.errors.StoppedError` (exit code 128 + signal). A second Ctrl-C stops at
-once (the checkpoint before it is intact: checkpoints are atomic).
+A signal during long work (training, cache-teacher, generate) only sets a flag; the work
+finishes the unit it is in (a step, a shard, a batch of prompts), makes it durable (a
+checkpoint, a shard, fsynced rows) and stops with :class:`~potstill.errors.StoppedError`
+(exit code 128 + signal), one line that says how to continue. In training all processes
+agree first (one tiny all-reduce: a launcher or a scheduler may signal some ranks and not
+others). A second Ctrl-C stops at once (what was made durable before it is intact).
 
     with StopRequest() as stop:
         for step in ...:
             train_step(...)
             if stop.agreed(accelerator):
-                save_checkpoint(...); raise stop.error(...)
+                save_checkpoint(...)
+                raise stop.stopped(f"after step {step}; ... continue with train.resume=auto")
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import threading
 
 import torch
 
-from ..errors import StoppedError
+from .errors import StoppedError
 
 log = logging.getLogger("potstill")
 
@@ -48,15 +50,16 @@ class StopRequest:
 
     def _handle(self, signum: int, frame) -> None:
         if self.signum is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # the second Ctrl-C: stop now, from the last checkpoint
+            raise KeyboardInterrupt  # the second Ctrl-C: stop now
         if self.signum is None:
-            log.warning("%s received: finishing this step, then writing a checkpoint and stopping%s",
+            log.warning("%s received: finishing the work in hand, saving it and stopping%s",
                         signal.Signals(signum).name,
                         " (Ctrl-C again to stop at once)" if signum == signal.SIGINT else "")
         self.signum = signum
 
-    def agreed(self, accelerator) -> int | None:
-        """The signal to stop for, if any process got one (the same answer on every process)."""
+    def agreed(self, accelerator=None) -> int | None:
+        """The signal to stop for, if any process got one (the same answer on every process of
+        ``accelerator``; None: this process alone)."""
         mine = self.signum or 0
         if accelerator is not None and accelerator.num_processes > 1:
             flag = torch.tensor([mine], dtype=torch.long, device=accelerator.device)
@@ -65,8 +68,7 @@ class StopRequest:
                 self.signum = mine  # another rank was signalled: stop with it
         return mine or None
 
-    def error(self, step: int, max_steps: int, checkpoint) -> StoppedError:
+    def stopped(self, what: str) -> StoppedError:
+        """The error to stop with: "stopped by SIGTERM " + ``what`` (when, what was kept, how to go on)."""
         signum = self.signum or signal.SIGTERM
-        name = signal.Signals(signum).name
-        return StoppedError(f"stopped by {name} after step {step} of {max_steps}; checkpoint {checkpoint} is "
-                            "complete: continue with the same command and train.resume=auto", signum)
+        return StoppedError(f"stopped by {signal.Signals(signum).name} {what}", signum)
