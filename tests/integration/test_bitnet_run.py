@@ -22,7 +22,8 @@ from potstill.models.teacher_model import load_teacher
 from potstill.models.quantize import model_bytes
 
 from test_cli import assert_one_line_error, base_config, run_cli, write_config
-from test_teacher_cache import read_only_folder, small_disk, tree
+from mounts import read_only_folder, small_disk
+from test_teacher_cache import tree
 
 
 @pytest.fixture(autouse=True)

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import re
 import shutil
 import signal
@@ -26,6 +24,7 @@ from potstill.ownership import mark_owned, owner_kind
 from potstill.commands.distill import distill
 
 import tiny
+from mounts import read_only_folder, small_disk
 
 
 def _config(tmp_path, teacher_dir, student_dir, data, **sections) -> dict:
@@ -287,44 +286,6 @@ def test_cache_loss_path_falls_back_or_refuses(captured, tmp_path, caplog):
 def tree(folder: Path) -> dict:
     """Every file under ``folder`` (relative path -> bytes), to show that a refusal changed nothing."""
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-@contextlib.contextmanager
-def small_disk(path: Path, kib: int, *, read_only: bool = False):
-    """A real, separate file system of ``kib`` KiB at ``path`` (a tmpfs), so that "no space left" and
-    "read-only file system" come from the kernel. Needs the right to mount (root in a container);
-    elsewhere the test is skipped. ``resize(kib)`` on the yielded object frees space."""
-    if shutil.which("mount") is None or os.geteuid() != 0:
-        pytest.skip("mounting a small file system needs root")
-    path.mkdir(parents=True, exist_ok=True)
-    options = f"size={kib}k" + (",ro" if read_only else "")
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True, text=True)
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount a small file system here: {proc.stderr.strip()}")
-
-    def resize(new_kib: int) -> None:
-        subprocess.run(["mount", "-o", f"remount,size={new_kib}k", str(path)], check=True)
-
-    try:
-        yield resize
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=False)
-
-
-@contextlib.contextmanager
-def read_only_folder(path: Path):
-    """An empty folder nothing can be written in: a read-only file system as root (who ignores
-    permissions), else a folder without write permission."""
-    if os.geteuid() == 0:
-        with small_disk(path, 64, read_only=True):
-            yield path
-        return
-    path.mkdir(parents=True, exist_ok=True)
-    path.chmod(0o555)
-    try:
-        yield path
-    finally:
-        path.chmod(0o755)
 
 
 def _capture(cfg, *overrides):
