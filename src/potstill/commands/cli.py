@@ -221,6 +221,8 @@ def setup_logging(debug: bool) -> None:
         transformers.logging.set_verbosity_error()
         for noisy in ("accelerate", "datasets", "urllib3", "httpx", "huggingface_hub"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
+        # torchao warns at import about optional native kernels (CUDA, Triton) a CPU run never uses.
+        logging.getLogger("torchao").setLevel(logging.ERROR)
 
 
 def main(argv: list[str] | None = None) -> int:
