@@ -223,6 +223,7 @@ def setup_logging(debug: bool) -> None:
             logging.getLogger(noisy).setLevel(logging.WARNING)
         # torchao warns at import about optional native kernels (CUDA, Triton) a CPU run never uses.
         logging.getLogger("torchao").setLevel(logging.ERROR)
+        logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)  # torchao's enum registration notes
 
 
 def main(argv: list[str] | None = None) -> int:
