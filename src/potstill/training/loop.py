@@ -1,15 +1,19 @@
 """One distillation run, on Hugging Face Accelerate. Read it top to bottom.
 
     train(cfg)
-      lock the run directory, refuse to clobber it, find the checkpoint to resume
-      build_run: models, data, teacher source, objective, optimizer      (setup.py)
-      resume: weights, optimizer, schedule, RNG, projectors              (resume_run)
-      for each optimizer step:                                           (train_step)
+      lock the run directory, refuse to clobber it, find the newest intact checkpoint   (rundir.py)
+      refuse settings a resume cannot change; a finished run returns at once            (resume.py)
+      build_run: checks, data, models, teacher source, objective, optimizer             (setup.py)
+      resume: weights, optimizer, schedule (rebuilt if changed), RNG, projectors        (resume_run)
+      for each optimizer step:                                                          (train_step)
           count the valid tokens of all its micro-batches on all processes
           for each micro-batch: teacher signal, student forward, objective, backward
           clip, step, schedule
-          log; evaluate; checkpoint (atomically)                         (StepLog, evaluate, save_checkpoint)
-      evaluate, checkpoint, save the student, write the summary          (finish)
+          log; evaluate; checkpoint (atomically)              (StepLog, evaluate, save_checkpoint)
+          on SIGTERM / Ctrl-C: checkpoint and stop, every process after the same step   (stopping.py)
+      evaluate, checkpoint, save the student, write the summary                         (finish)
+
+A full or read-only disk anywhere in there is one line (:func:`potstill.atomic.disk_errors`).
 
 The loop never asks where the teacher signal came from (:mod:`potstill.teachers`) nor which
 loss form applies (:meth:`potstill.training.objective.Objective.compute`).
