@@ -67,6 +67,15 @@ def test_evaluate_arguments_are_checked_first(tmp_path, student_dir, text_jsonl)
     proc = tiny.run_cli("evaluate", student_dir, "--data", text_jsonl, "--json", tmp_path / "no" / "m.json",
                         check=False)
     tiny.assert_one_line_error(proc, "--json", "does not exist", code=2)
+    mine = tmp_path / "mine.json"
+    mine.write_text('{"notes": "my own file"}')
+    proc = tiny.run_cli("evaluate", student_dir, "--data", text_jsonl, "--json", mine, check=False)
+    tiny.assert_one_line_error(proc, "--json", "is not an earlier potstill evaluate result", code=2)
+    assert mine.read_text() == '{"notes": "my own file"}'
+    ours = tmp_path / "eval.json"
+    for _ in range(2):  # an earlier result of evaluate is replaced
+        tiny.run_cli("evaluate", student_dir, "--data", text_jsonl, "--max-batches", "1", "--json", ours)
+    assert json.loads(ours.read_text())["ppl"] > 1
 
 
 def test_library_warnings_do_not_carry_the_potstill_prefix():

@@ -76,6 +76,19 @@ def check_output_file(path: str, flag: str) -> None:
         raise ConfigError(f"{flag} {path} is a folder: give a file name, e.g. {Path(path) / 'metrics.json'}")
     if not p.parent.is_dir():
         raise ConfigError(f"{flag} {path}: the folder {p.parent} does not exist: create it first")
+    if p.exists() and not _is_metrics_json(p):
+        raise ConfigError(f"{flag} {path} exists and is not an earlier potstill evaluate result (a JSON object "
+                          "of numbers): potstill does not overwrite your files; give a new file name")
+
+
+def _is_metrics_json(path: Path) -> bool:
+    """What ``evaluate --json`` writes: a JSON object whose values are all numbers."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                          for v in data.values())
 
 
 def cmd_export(args: argparse.Namespace) -> int:
