@@ -43,14 +43,19 @@ def mark_owned(folder: str | os.PathLike, kind: str) -> None:
         {"kind": kind, "potstill_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}))
 
 
-def owner_kind(folder: str | os.PathLike) -> str | None:
-    """The kind potstill marked ``folder`` with, or None (not ours, unreadable or absent)."""
-    path = Path(folder) / MARK_FILE
+def read_json_object(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The JSON object in ``path``, or None when the file is absent, unreadable, not JSON or not an
+    object: how potstill recognizes a file it wrote (a mark, a manifest, a summary) without trusting it."""
     try:
-        data: Any = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    kind = data.get("kind") if isinstance(data, dict) else None
+    return data if isinstance(data, dict) else None
+
+
+def owner_kind(folder: str | os.PathLike) -> str | None:
+    """The kind potstill marked ``folder`` with, or None (not ours, unreadable or absent)."""
+    kind = (read_json_object(Path(folder) / MARK_FILE) or {}).get("kind")
     return kind if kind in KINDS else None
 
 

@@ -83,12 +83,10 @@ def check_output_file(path: str, flag: str) -> None:
 
 def _is_metrics_json(path: Path) -> bool:
     """What ``evaluate --json`` writes: a JSON object whose values are all numbers."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return isinstance(data, dict) and all(isinstance(v, (int, float)) and not isinstance(v, bool)
-                                          for v in data.values())
+    from ..ownership import read_json_object
+
+    data = read_json_object(path)
+    return data is not None and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in data.values())
 
 
 def cmd_export(args: argparse.Namespace) -> int:

@@ -24,7 +24,7 @@ import torch
 
 from ..atomic import atomic_write_text, disk_errors, publish_dir
 from ..errors import ModelError, RunDirError
-from ..ownership import MARK_FILE, check_writable, is_within, mark_owned, owner_kind
+from ..ownership import MARK_FILE, check_writable, is_within, mark_owned, owner_kind, read_json_object
 from ..models.bitnet import (FORMAT, FORMAT_VERSION, MANIFEST, BitEmbedding, bit_modules, is_packed_folder,
                              pack_ternary, ternarize)
 from ..models.loading import load_causal_lm, load_tokenizer
@@ -147,11 +147,7 @@ def _check_replaceable(out: Path, written: set[str] | None = None) -> None:
 
 def _is_unmarked_export(folder: Path) -> bool:
     """A packed folder written by a potstill from before exports carried the ownership mark."""
-    try:
-        manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return isinstance(manifest, dict) and manifest.get("format") == FORMAT
+    return (read_json_object(folder / MANIFEST) or {}).get("format") == FORMAT
 
 
 def _write(out: Path, manifest: dict[str, Any], *, tensors: dict[str, torch.Tensor], config, tokenizer) -> None:

@@ -51,6 +51,7 @@ from typing import Any
 import numpy as np
 
 from ..atomic import atomic_write_bytes, atomic_write_text
+from ..ownership import read_json_object
 from ..errors import PotstillError
 
 FORMAT = "potstill-teacher-cache"
@@ -247,11 +248,7 @@ def check_manifest(folder: Path, manifest: dict[str, Any]) -> None:
 def is_cache_manifest(folder: Path) -> bool:
     """True when ``folder`` holds a manifest that says it is a potstill teacher cache (any version):
     the mark of a cache written before caches carried potstill's ownership mark."""
-    try:
-        manifest = json.loads((Path(folder) / MANIFEST).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return isinstance(manifest, dict) and manifest.get("format") == FORMAT
+    return (read_json_object(Path(folder) / MANIFEST) or {}).get("format") == FORMAT
 
 
 # Key -> type of the manifest's fields (dotted for nested ones); a float field accepts an int.

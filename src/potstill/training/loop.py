@@ -22,7 +22,6 @@ loss form applies (:meth:`potstill.training.objective.Objective.compute`).
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import time
@@ -36,6 +35,7 @@ from ..config import DistillConfig, config_to_dict
 from ..data.batching import MicroBatch
 from ..errors import DivergedError, RunDirError
 from ..models.precision import accelerate_mixed_precision, resolve_precision
+from ..ownership import read_json_object
 from ..stopping import StopRequest
 from . import checkpoint as ckpt
 from .evaluation import evaluate_models, reduce_sum
@@ -321,12 +321,9 @@ def completed_run(run_dir: Path, saved: dict, changes: dict) -> RunResult | None
         return None
     if not (summary_path.is_file() and student_dir.is_dir()):
         return None  # stopped after its last checkpoint: finish() completes it
-    try:
-        summary = json.loads(summary_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None  # a damaged summary is written again
-    if not isinstance(summary, dict) or summary.get("steps") != saved.get("step"):
-        return None  # the summary of an earlier, shorter finish: this one completes it
+    summary = read_json_object(summary_path)
+    if summary is None or summary.get("steps") != saved.get("step"):
+        return None  # a damaged summary, or one of an earlier, shorter finish: this run completes it again
     log.info("%s is already complete (step %d of %d): nothing to do; raise train.max_steps to train longer",
              run_dir, saved["step"], saved["max_steps"])
     return RunResult(output_dir=run_dir, student_dir=student_dir, steps=int(saved["step"]),

@@ -25,7 +25,7 @@ from ..atomic import atomic_write_text, disk_errors, publish_dir
 from ..config import DistillConfig, config_to_yaml
 from ..errors import RunDirError
 from ..features.distiller import RUN_DIR_NAME as PROJECTORS_DIR
-from ..ownership import MARK_FILE, check_writable, input_paths, is_within, mark_owned, owner_kind
+from ..ownership import MARK_FILE, check_writable, input_paths, is_within, mark_owned, owner_kind, read_json_object
 from . import checkpoint as ckpt
 from .metrics import run_info
 
@@ -130,11 +130,7 @@ def is_our_run(run_dir: Path) -> bool:
     """Marked as a run by potstill, or a run of a version before the mark (its run_info.json says potstill)."""
     if owner_kind(run_dir) == "run":
         return True
-    try:
-        info: Any = json.loads((run_dir / "run_info.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return isinstance(info, dict) and "potstill_version" in info
+    return "potstill_version" in (read_json_object(run_dir / "run_info.json") or {})
 
 
 def refuse_foreign(run_dir: Path) -> bool:
