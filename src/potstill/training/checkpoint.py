@@ -291,17 +291,23 @@ def _first_line(err: BaseException) -> str:
 # Choosing the checkpoint to resume
 
 
-def find_resumable(run_dir: Path, *, set_aside: bool = True) -> Path | None:
+def find_resumable(run_dir: Path, *, set_aside: bool = True, start_over_if_all_damaged: bool = False) -> Path | None:
     """The newest checkpoint of ``run_dir`` that verifies (None when there is none at all).
 
     Each damaged newer one is logged (what is wrong, which checkpoint the run resumes from
     instead) and, with ``set_aside`` (the main process, under the run lock), renamed to
     ``checkpoints/damaged-step-N`` so it is kept but never resumed nor pruned. Other processes
     pass ``set_aside=False`` and reach the same answer without touching the folder.
-    If every checkpoint is damaged: :class:`RunDirError`, nothing renamed."""
+    If every checkpoint is damaged: :class:`RunDirError`, nothing renamed; or, with
+    ``start_over_if_all_damaged`` (``output.overwrite=true``), a warning and None."""
     found, damaged = newest_intact(run_dir)
     if found is None and damaged:
-        raise all_damaged_error(run_dir, damaged)
+        if not start_over_if_all_damaged:
+            raise all_damaged_error(run_dir, damaged)
+        if set_aside:
+            log.warning("train.resume=auto: every checkpoint in %s is damaged (%s): starting over, as "
+                        "output.overwrite=true allows", Path(run_dir) / CHECKPOINT_DIR, describe(damaged))
+        return None
     if found is not None and set_aside:
         set_aside_all(damaged, resuming_from=found)
     return found

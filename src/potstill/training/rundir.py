@@ -15,7 +15,6 @@ and is refused, whatever the settings say.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
 from pathlib import Path
@@ -28,8 +27,6 @@ from ..features.distiller import RUN_DIR_NAME as PROJECTORS_DIR
 from ..ownership import MARK_FILE, check_writable, input_paths, is_within, mark_owned, owner_kind, read_json_object
 from . import checkpoint as ckpt
 from .metrics import run_info
-
-log = logging.getLogger("potstill")
 
 RUN_ARTIFACTS = ("checkpoints", "student", PROJECTORS_DIR, "metrics.jsonl", "tensorboard", "summary.json", "config.yaml",
                  "run_info.json")
@@ -87,23 +84,11 @@ def _checkpoint_to_resume(cfg: DistillConfig, run_dir: Path, *, is_main: bool) -
         return path
     if resume != "auto":
         return None
-    # find_resumable, unrolled: with output.overwrite=true a run whose checkpoints are all damaged starts over.
-    intact, damaged = ckpt.newest_intact(run_dir)
-    if intact is not None:
-        if is_main:
-            ckpt.set_aside_all(damaged, resuming_from=intact)
-        return intact
-    if damaged:
-        if not cfg.output.overwrite:
-            raise ckpt.all_damaged_error(run_dir, damaged)
-        if is_main:
-            log.warning("train.resume=auto: every checkpoint in %s is damaged (%s): starting over, as "
-                        "output.overwrite=true allows", run_dir / ckpt.CHECKPOINT_DIR, ckpt.describe(damaged))
-        return None
-    if has_run(run_dir) and not cfg.output.overwrite:
+    intact = ckpt.find_resumable(run_dir, set_aside=is_main, start_over_if_all_damaged=cfg.output.overwrite)
+    if intact is None and has_run(run_dir) and not cfg.output.overwrite:
         raise RunDirError(f"train.resume=auto: {run_dir} holds a run but no complete checkpoint to resume; "
                           "set output.overwrite=true to start over there")
-    return None
+    return intact
 
 
 def has_run(run_dir: Path) -> bool:
