@@ -81,6 +81,7 @@ def train(cfg: DistillConfig, *, progress: bool = True) -> RunResult:
         resume_from = share_resume_point(
             prepare_run_dir(cfg, run_dir, is_main=True) if accelerator.is_main_process else None, accelerator)
         changes: dict = {}
+        saved: dict = {}
         if resume_from is not None:
             saved = ckpt.read_state(resume_from)
             changes = check_resume_changes(saved.get("config") or {}, cfg, resume_from)  # before any model loads
@@ -89,8 +90,9 @@ def train(cfg: DistillConfig, *, progress: bool = True) -> RunResult:
                 return complete
         set_seed(cfg.train.seed)
         run = build_run(cfg, accelerator, precision, run_dir, progress=progress)
-        start_step = resume_run(run, resume_from, changes) if resume_from is not None else 0
-        with disk_errors(f"writing the run in {run_dir}", advice=lambda: resume_advice(run_dir), where=run_dir):
+        start_step = resume_run(run, resume_from, saved, changes) if resume_from is not None else 0
+        # No ``where=``: this block also runs the model, whose errors must not be read as a full disk.
+        with disk_errors(f"writing the run in {run_dir}", advice=lambda: resume_advice(run_dir)):
             if run.is_main:
                 write_run_files(cfg, run_dir)
             metrics = MetricsLogger(run_dir, enabled=run.is_main, tensorboard=cfg.output.tensorboard,
@@ -291,10 +293,10 @@ def resume_advice(run_dir: Path) -> str:
     return f"free space or make the folder writable, then run the same command with train.resume=auto {where}"
 
 
-def resume_run(run: Run, checkpoint: Path, changes: dict) -> int:
-    """Restore everything a checkpoint holds, with the allowed ``changes`` of settings applied
-    (:mod:`potstill.training.resume`); returns the step to continue from."""
-    state = ckpt.read_state(checkpoint)
+def resume_run(run: Run, checkpoint: Path, state: dict, changes: dict) -> int:
+    """Restore everything a checkpoint holds (``state``: its state.json, already read), with the
+    allowed ``changes`` of settings applied (:mod:`potstill.training.resume`); returns the step to
+    continue from."""
     step = int(state["step"])
     ckpt.load_student_weights(checkpoint, run.raw_student)
     fresh_groups = [{k: v for k, v in g.items() if k != "params"} for g in run.optimizer.param_groups]
