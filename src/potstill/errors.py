@@ -9,6 +9,18 @@ non-zero; anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 
+def first_line(err: BaseException, limit: int = 200) -> str:
+    """The first line of a library's error (hub errors put the reason first, then pages of detail)."""
+    text = str(err).strip().splitlines()
+    return text[0][:limit] if text else type(err).__name__
+
+
+def one_line(err: BaseException, limit: int = 300) -> str:
+    """All of an error's message on one line (some libraries put the reason on the second line)."""
+    text = " ".join(str(err).split())
+    return text[:limit] if text else type(err).__name__
+
+
 class PotstillError(Exception):
     """A user-facing error: one clear line, no traceback unless ``--debug``."""
 

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ModelError
+from ..errors import ModelError, one_line
 
 log = logging.getLogger("potstill")
 
@@ -249,7 +249,7 @@ def load_packed(folder: str | Path, dtype: torch.dtype | None = None) -> nn.Modu
     try:
         manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
-        raise ModelError(f"cannot read {folder / MANIFEST}: {' '.join(str(err).split())}") from None
+        raise ModelError(f"cannot read {folder / MANIFEST}: {one_line(err)}") from None
     if not isinstance(manifest, dict):
         raise ModelError(f"{folder / MANIFEST} is damaged (not a JSON object): export the model again")
     if manifest.get("format") != FORMAT or manifest.get("version") != FORMAT_VERSION:
@@ -266,7 +266,7 @@ def load_packed(folder: str | Path, dtype: torch.dtype | None = None) -> nn.Modu
     try:
         state = load_file(str(folder / "model.safetensors"))
     except Exception as err:  # noqa: BLE001 - SafetensorError, OSError: a damaged or missing file
-        raise ModelError(f"{folder / 'model.safetensors'} cannot be read ({' '.join(str(err).split())}): export "
+        raise ModelError(f"{folder / 'model.safetensors'} cannot be read ({one_line(err)}): export "
                          "the model again") from None
     for name, m in mods.items():
         shape = shapes[name]

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import ModelError
+from ..errors import ModelError, first_line, one_line
 
 log = logging.getLogger("potstill")
 
@@ -112,17 +112,6 @@ def model_word(role: str) -> str:
 def setting(role: str, key: str) -> str:
     """The config key that names a model's ``key``; evaluate's 'model' is an argument, not a key."""
     return "the model argument" if role == "model" else f"{role}.{key}"
-
-
-def first_line(err: Exception) -> str:
-    text = str(err).strip().splitlines()
-    return text[0][:200] if text else type(err).__name__
-
-
-def one_line(err: BaseException, limit: int = 300) -> str:
-    """All of an error's message on one line (some libraries put the reason on the second line)."""
-    text = " ".join(part.strip() for part in str(err).strip().splitlines() if part.strip())
-    return text[:limit] if text else type(err).__name__
 
 
 def _is_damage(err: BaseException) -> bool:

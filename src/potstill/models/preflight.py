@@ -30,8 +30,8 @@ from torch import nn
 from ..config import DistillConfig, as_config
 from ..data import require_eos
 from ..data.preflight import check_data as check_data_rows
-from ..errors import ConfigError, ModelError
-from .loading import check_model_folder, looks_local, missing_folder, one_line
+from ..errors import ConfigError, ModelError, one_line
+from .loading import check_model_folder, looks_local, missing_folder
 from .students import build_student_config, complete_student_fields, student_tokenizer, student_tokenizer_ref
 from .teacher_model import teacher_tokenizer
 

@@ -18,11 +18,11 @@ import torch
 from torch import nn
 
 from ..config import StudentConfig
-from ..errors import ModelError
+from ..errors import ModelError, one_line
 from .bitnet import apply_student_config
 from .int4 import dequantized_state_dict
 from .layers import decoder_layers, num_layers
-from .loading import load_causal_lm, load_tokenizer, one_line
+from .loading import load_causal_lm, load_tokenizer
 
 log = logging.getLogger("potstill")
 

@@ -52,7 +52,7 @@ import numpy as np
 
 from ..atomic import atomic_write_bytes, atomic_write_text
 from ..ownership import read_json_object
-from ..errors import PotstillError
+from ..errors import PotstillError, one_line
 
 FORMAT = "potstill-teacher-cache"
 VERSION = 1
@@ -172,7 +172,7 @@ def read_shard(folder: Path, entry: dict[str, Any]) -> dict[str, np.ndarray]:
             return {k: z[k] for k in z.files}
     # The checksum matched, so the manifest was written for these bytes: a forged or hand-made entry.
     except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as err:
-        raise CacheError(f"{where} is not a valid .npz archive ({_one_line(err)}); {RECAPTURE}") from None
+        raise CacheError(f"{where} is not a valid .npz archive ({one_line(err)}); {RECAPTURE}") from None
 
 
 def check_shard(folder: Path, manifest: dict[str, Any], index: int, arrays: dict[str, np.ndarray]) -> None:
@@ -224,11 +224,11 @@ def read_manifest(folder: Path) -> dict[str, Any]:
     except OSError as err:
         raise CacheError(f"{where} cannot be read ({err.strerror or err}); fix its permissions") from None
     except ValueError as err:  # not UTF-8
-        raise CacheError(f"{where} is not text ({_one_line(err)}): it was damaged; {RECAPTURE}") from None
+        raise CacheError(f"{where} is not text ({one_line(err)}): it was damaged; {RECAPTURE}") from None
     try:
         manifest = json.loads(text)
     except ValueError as err:
-        raise CacheError(f"{where} is not valid JSON ({_one_line(err)}): it was damaged; {RECAPTURE}") from None
+        raise CacheError(f"{where} is not valid JSON ({one_line(err)}): it was damaged; {RECAPTURE}") from None
     if not isinstance(manifest, dict):
         raise CacheError(f"{where} holds a JSON {_type_name(manifest)}, not an object: it was damaged; {RECAPTURE}")
     if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
@@ -345,10 +345,6 @@ def _type_name(value: Any) -> str:
         if isinstance(value, kind):
             return name
     return type(value).__name__
-
-
-def _one_line(err: BaseException) -> str:
-    return " ".join(str(err).split()) or type(err).__name__
 
 
 def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:

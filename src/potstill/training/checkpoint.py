@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from ..atomic import disk_errors, fsync_dir
-from ..errors import RunDirError
+from ..errors import RunDirError, first_line
 from ..locking import FileLock
 
 log = logging.getLogger("potstill")
@@ -273,18 +273,13 @@ def _legacy_problem(path: Path) -> str | None:
         try:
             load_file(str(shard))
         except Exception as err:  # noqa: BLE001 - any failure to load means damaged
-            return f"student/{shard.name} does not load ({_first_line(err)})"
+            return f"student/{shard.name} does not load ({first_line(err)})"
     for pt in sorted(path.glob("*.pt")):
         try:
             torch.load(pt, map_location="cpu", weights_only=False)
         except Exception as err:  # noqa: BLE001
-            return f"{pt.name} does not load ({_first_line(err)})"
+            return f"{pt.name} does not load ({first_line(err)})"
     return None
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return text[0] if text else type(err).__name__
 
 
 # ----------------------------------------------------------------------------------------
