@@ -51,7 +51,10 @@ def prepare_run_dir(cfg: DistillConfig, run_dir: Path, *, is_main: bool) -> Path
 
     Only the main process (``is_main``, under the run lock) changes anything: it cleans the
     leftovers of an interrupted run, sets damaged checkpoints aside, deletes on overwrite and
-    marks the folder as a run. Other processes check the same things and reach the same answer."""
+    marks the folder as a run. With ``is_main=False`` it checks the same things and reaches the
+    same answer without touching the folder; the loop instead runs it on the main process only
+    and broadcasts the answer (:func:`potstill.training.loop.share_resume_point`), so the
+    checkpoints are hashed once."""
     run_dir = Path(run_dir)
     check_writable(run_dir, "output.dir")
     ours = refuse_foreign(run_dir)
