@@ -48,8 +48,26 @@ class _Section(BaseModel):
 NameOrObject = Union[str, Any]
 
 
+class ServerConfig(_Section):
+    """A teacher served by vLLM (OpenAI-compatible API): the run sends token ids and reads the
+    top-k prompt log-probs of every position; no teacher model loads in this process."""
+
+    url: str = Field(..., min_length=1, description="the server's base URL, e.g. http://gpu-node:8000")
+    model: str | None = Field(None, description="the served model name; default: the only model the server serves")
+    top_k: int = Field(20, ge=1, le=4096, description="teacher log-probs per position (vLLM --max-logprobs must allow it)")
+    timeout_s: float = Field(300.0, gt=0, le=86400, description="seconds one request may take before it is retried")
+    retries: int = Field(5, ge=0, le=100, description="retries of a failed request (backoff doubles, from backoff_s)")
+    backoff_s: float = Field(1.0, ge=0, le=3600, description="wait before the first retry")
+    max_concurrency: int = Field(8, ge=1, le=1024, description="requests in flight at once (one per sequence)")
+    lookahead: int = Field(1, ge=0, le=64, description="optimizer steps whose teacher signal is asked for ahead "
+                                                      "of time, while the student trains (0: no overlap)")
+    api_key_env: str | None = Field(None, description="name of the environment variable holding the API key")
+    check_tokenizer: bool = Field(True, description="before the first step, check the server tokenizes like "
+                                                    "this run (vLLM's /tokenize)")
+
+
 class TeacherConfig(_Section):
-    """The frozen model that teaches. Loaded with ``AutoModelForCausalLM``."""
+    """The frozen model that teaches. Loaded with ``AutoModelForCausalLM``, or served (``server``)."""
 
     name_or_path: NameOrObject | None = Field(None, description="hub id, local folder, or an nn.Module")
     revision: str | None = Field(None, description="hub branch, tag or commit")
@@ -63,6 +81,17 @@ class TeacherConfig(_Section):
         "auto", description="auto: torchao (CPU and CUDA); bitsandbytes: CUDA only, needs the package")
     cache: str | None = Field(
         None, description="train from a teacher cache written by potstill cache-teacher: no teacher is loaded")
+    server: ServerConfig | None = Field(
+        None, description="a teacher served by vLLM: no teacher is loaded (name_or_path, if given, names its tokenizer)")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "TeacherConfig":
+        if self.server is not None and self.cache is not None:
+            raise ValueError("give teacher.server or teacher.cache, not both: a run reads its teacher from one place")
+        if self.server is not None and self.quantization != "none":
+            raise ValueError("teacher.quantization applies to a teacher loaded in this process, not to teacher.server "
+                             "(quantize it in the server: vLLM --quantization)")
+        return self
 
 
 class FromTeacherConfig(_Section):
@@ -326,10 +355,18 @@ class DistillConfig(_Section):
         if self.teacher.cache is not None and self.loss.uses_features:
             raise ValueError("teacher.cache holds the teacher's logits only; loss.hidden / loss.attention need its "
                              "activations: drop teacher.cache, or set loss.hidden.weight=0 and loss.attention.weight=0")
-        needs_teacher = (self.loss.logits.weight > 0 and self.teacher.cache is None) or self.loss.uses_features
+        if self.teacher.server is not None and self.loss.uses_features:
+            raise ValueError("teacher.server gives the teacher's log-probs only; loss.hidden / loss.attention need its "
+                             "activations: load the teacher in this process, or set loss.hidden.weight=0 and "
+                             "loss.attention.weight=0")
+        served = self.teacher.server is not None or self.teacher.cache is not None
+        needs_teacher = (self.loss.logits.weight > 0 and not served) or self.loss.uses_features
         if needs_teacher and self.teacher.name_or_path is None:
             raise ValueError("teacher.name_or_path is required for logit or feature distillation "
                              "(or set loss.logits.weight=0 and loss.ce.weight>0 to train on labels alone)")
+        if self.student.from_teacher is not None and self.teacher.server is not None:
+            raise ValueError("student.from_teacher needs the teacher's weights, which a served teacher keeps in its "
+                             "server: give student.name_or_path or student.config")
         if self.student.from_teacher is not None and self.teacher.name_or_path is None:
             raise ValueError("student.from_teacher needs teacher.name_or_path (a teacher cache holds no weights): "
                              "give student.name_or_path or student.config")

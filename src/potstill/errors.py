@@ -43,6 +43,13 @@ class RunDirError(PotstillError):
     """The output directory is locked by another run, or holds a run we must not clobber."""
 
 
+class ServerError(PotstillError):
+    """A served teacher cannot answer: unreachable, refusing the request, or answering wrong;
+    the last good checkpoint is kept."""
+
+    exit_code = 4
+
+
 class DivergedError(PotstillError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
 

@@ -75,11 +75,17 @@ def preflight(cfg: DistillConfig | dict | str | os.PathLike, *, role: str = "dis
     for model in models:
         check_path(model)
     teacher = next((m for m in models if m.role == "teacher"), None)
-    teacher_tok = teacher_tokenizer(cfg.teacher) if teacher is not None else None
+    teacher_tok = teacher_tokenizer(cfg.teacher) if teacher is not None or served_tokenizer_given(cfg) else None
+    if role != "distill" and cfg.teacher.server is not None and teacher_tok is None:
+        raise ModelError("teacher.server: potstill needs a local copy of the served model's tokenizer to tokenize the "
+                         "data: set teacher.tokenizer (its hub id or folder)")
     if role == "distill":
         if teacher_tok is None and student_tokenizer_ref(cfg.student) is None and cfg.teacher.cache is not None:
             raise ModelError("teacher.cache loads no teacher (nor its tokenizer), so the student needs its own: set "
                              "student.tokenizer to the tokenizer the cache was captured with")
+        if teacher_tok is None and student_tokenizer_ref(cfg.student) is None and cfg.teacher.server is not None:
+            raise ModelError("teacher.server loads no teacher here (nor its tokenizer), so the student needs its own: "
+                             "set student.tokenizer (or teacher.tokenizer) to the tokenizer the server uses")
         tok = student_tokenizer(cfg.student, student_tokenizer_ref(cfg.student), teacher_tok)
     else:
         tok = teacher_tok
@@ -97,9 +103,14 @@ def preflight(cfg: DistillConfig | dict | str | os.PathLike, *, role: str = "dis
     return Preflight(tokenizer=tok, teacher_tokenizer=teacher_tok)
 
 
+def served_tokenizer_given(cfg: DistillConfig) -> bool:
+    """Whether a served teacher's tokenizer is named here (teacher.tokenizer, else teacher.name_or_path)."""
+    return cfg.teacher.server is not None and (cfg.teacher.tokenizer is not None or cfg.teacher.name_or_path is not None)
+
+
 def check_settings(cfg: DistillConfig, role: str) -> None:
     """The settings a command cannot start without (the config itself is already validated)."""
-    if role in ("cache-teacher", "generate") and cfg.teacher.name_or_path is None:
+    if role in ("cache-teacher", "generate") and cfg.teacher.name_or_path is None and cfg.teacher.server is None:
         what = "the model whose logits to capture" if role == "cache-teacher" else "the model that answers the prompts"
         raise ConfigError(f"{role} needs teacher.name_or_path: {what}")
     if role == "generate":
@@ -112,7 +123,10 @@ def check_settings(cfg: DistillConfig, role: str) -> None:
 
 
 def loads_teacher(cfg: DistillConfig, role: str) -> bool:
-    """Whether the command loads the teacher model (a distill run from a teacher cache does not)."""
+    """Whether the command loads the teacher model (a served teacher never does, nor a distill run
+    from a teacher cache)."""
+    if cfg.teacher.server is not None:
+        return False
     if role != "distill":
         return True
     return cfg.teacher.name_or_path is not None and cfg.teacher.cache is None

@@ -4,6 +4,8 @@
     signal.py        TeacherSignal (dense | sparse | none, + activations), SparseTargets
     local.py         LocalTeacher: a model in this process (quantized or not)
     cached.py        CachedTeacher: top-k / sampled shards on disk, verified against the run
+    served.py        ServedTeacher: top-k log-probs from a vLLM server, asked ahead of time
+    server_client.py the server's HTTP API (prompt log-probs, tokenize, models), retries, parsing
     cache_format.py  the cache on disk: encoding, shards, manifest, checksums
     capture.py       ``potstill cache-teacher``: run a teacher once over the data, write the cache
 
@@ -30,13 +32,18 @@ __all__ = ["Teacher", "NoTeacher", "TeacherSignal", "SparseTargets", "build_teac
 def build_teacher(cfg: DistillConfig, *, model: nn.Module | None, student: nn.Module, tokenizer, train_ds,
                   features: FeatureDistiller | None = None,
                   autocast: Callable[[], Any] = contextlib.nullcontext) -> Teacher:
-    """The teacher source of a run: its cache (``teacher.cache``), the model loaded in this
-    process, or none (hard labels only)."""
+    """The teacher source of a run: its cache (``teacher.cache``), a server (``teacher.server``),
+    the model loaded in this process, or none (hard labels only)."""
     if cfg.teacher.cache is not None:
         from .cached import CachedTeacher
 
         return CachedTeacher(cfg.teacher.cache, tokenizer=tokenizer, train_ds=train_ds, loss_cfg=cfg.loss,
                              student_vocab=output_rows(student))
+    if cfg.teacher.server is not None:
+        from .served import ServedTeacher
+
+        return ServedTeacher(cfg.teacher.server, tokenizer=tokenizer, train_ds=train_ds, loss_cfg=cfg.loss,
+                             max_length=cfg.data.max_length, student_vocab=output_rows(student))
     if model is not None:
         from .local import LocalTeacher
 

@@ -19,10 +19,9 @@ import torch
 from ..data.batching import MicroBatch
 from ..data.tokenized import tokenizer_state
 from ..errors import ConfigError
-from ..losses.sparse import SPARSE_DIVERGENCES
 from .base import Teacher
 from .cache_format import CacheError, CacheReader
-from .signal import SparseTargets, TeacherSignal
+from .signal import SparseTargets, TeacherSignal, check_sparse_loss, sparse_chunked_problem
 
 log = logging.getLogger("potstill")
 
@@ -58,16 +57,7 @@ class CachedTeacher(Teacher):
             raise ConfigError(f"{where} holds teacher log-probs at temperature {m['temperature']}, the run asks "
                               f"for loss.logits.temperature={lc.temperature}: set it to {m['temperature']} or "
                               "capture again")
-        if lc.weight > 0:
-            if m["kind"] == "sampled" and lc.divergence != "fkl":
-                raise ConfigError(f"loss.logits.divergence={lc.divergence} is not defined for sampled tokens "
-                                  f"({where} is a sampled cache): use fkl")
-            if lc.missing_mass == "renormalize" and lc.divergence != "fkl":
-                raise ConfigError(f"loss.logits.divergence={lc.divergence} is not defined for a renormalized top-k "
-                                  "teacher (it is 0 outside the k ids): use fkl, or loss.logits.missing_mass=rest")
-            if lc.divergence not in SPARSE_DIVERGENCES:
-                raise ConfigError(f"loss.logits.divergence={lc.divergence} has no sparse version for a teacher "
-                                  f"cache: use {', '.join(SPARSE_DIVERGENCES)}")
+        check_sparse_loss(lc, kind=m["kind"], where=where)
         self.kind = m["kind"]
         self.vocab = min(int(m["teacher"]["vocab_size"]), student_vocab)  # logit columns both index
         self.needs_logits = lc.weight > 0
@@ -100,8 +90,4 @@ class CachedTeacher(Teacher):
         return TeacherSignal(kind="sparse", sparse=targets.to(batch.labels.device))
 
     def chunked_problem(self) -> str | None:
-        """The hidden-state (chunked) path has the sparse loss in closed form for forward KL only."""
-        if self.needs_logits and self.divergence != "fkl":
-            return (f"teacher cache with loss.logits.divergence={self.divergence}: the sparse loss has no "
-                    "chunked form")
-        return None
+        return sparse_chunked_problem(self.needs_logits, self.divergence, "teacher cache")

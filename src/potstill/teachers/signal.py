@@ -22,7 +22,9 @@ from typing import Literal, Optional
 
 import torch
 
+from ..errors import ConfigError
 from ..features.hooks import Captured
+from ..losses.sparse import SPARSE_DIVERGENCES
 from ..models.heads import HeadParams
 
 SignalKind = Literal["dense", "sparse", "none"]
@@ -72,3 +74,27 @@ class TeacherSignal:
         if self.kind != "dense":
             return self.kind
         return "dense-hidden" if self.hidden is not None else "dense-logits"
+
+
+def check_sparse_loss(lc, *, kind: str, where: str) -> None:
+    """Refuse, in one line, a logit loss (``loss.logits`` config ``lc``) that a sparse teacher
+    signal of ``kind`` ('topk' | 'sampled') from ``where`` cannot feed exactly."""
+    if lc.weight <= 0:
+        return
+    if kind == "sampled" and lc.divergence != "fkl":
+        raise ConfigError(f"loss.logits.divergence={lc.divergence} is not defined for sampled tokens "
+                          f"({where} is a sampled cache): use fkl")
+    if lc.missing_mass == "renormalize" and lc.divergence != "fkl":
+        raise ConfigError(f"loss.logits.divergence={lc.divergence} is not defined for a renormalized top-k "
+                          "teacher (it is 0 outside the k ids): use fkl, or loss.logits.missing_mass=rest")
+    if lc.divergence not in SPARSE_DIVERGENCES:
+        raise ConfigError(f"loss.logits.divergence={lc.divergence} has no sparse version for a top-k teacher "
+                          f"({where}): use {', '.join(SPARSE_DIVERGENCES)}")
+
+
+def sparse_chunked_problem(needs_logits: bool, divergence: str, source: str) -> str | None:
+    """Why a sparse signal cannot feed the chunked (hidden-state) loss path, or None: that path has
+    the sparse loss in closed form for forward KL only."""
+    if needs_logits and divergence != "fkl":
+        return f"{source} with loss.logits.divergence={divergence}: the sparse loss has no chunked form"
+    return None

@@ -33,7 +33,7 @@ import torch
 from ..atomic import disk_errors, publish_dir
 from ..config import DistillConfig, config_to_dict
 from ..data.batching import MicroBatch
-from ..errors import DivergedError, RunDirError
+from ..errors import DivergedError, RunDirError, ServerError
 from ..models.precision import accelerate_mixed_precision, resolve_precision
 from ..ownership import read_json_object
 from ..stopping import StopRequest
@@ -129,8 +129,12 @@ def train_steps(run: Run, metrics: MetricsLogger, start_step: int, last_good: Pa
     run.student.train()
     try:
         for step in range(start_step, run.max_steps):
-            run.teacher.prefetch(run.tokens.upcoming(step, run.teacher.lookahead, run.max_steps))
-            sums, grad_norm = train_step(run, run.tokens.take(step), step, last_good)
+            try:
+                run.teacher.prefetch(run.tokens.upcoming(step, run.teacher.lookahead, run.max_steps))
+                sums, grad_norm = train_step(run, run.tokens.take(step), step, last_good)
+            except ServerError as err:  # the teacher's server went away: say what is kept and how to go on
+                raise ServerError(f"{err}; stopped at step {step + 1} without saving, {kept_checkpoint(last_good)}, "
+                                  "once the server answers") from None
             done = step + 1
             step_log.add(done, sums, grad_norm)
             if cfg.eval.every and done % cfg.eval.every == 0 and done != run.max_steps:
@@ -378,8 +382,12 @@ def last_train_record(path: Path) -> dict[str, float]:
     return {}
 
 
+def kept_checkpoint(last_good: Path | None) -> str:
+    return f"the last good checkpoint is {last_good} (resume it with train.resume=auto)" if last_good else \
+        "no checkpoint was written yet (run again with train.resume=auto)"
+
+
 def diverged_message(step: int, what: str, last_good: Path | None) -> str:
-    keep = f"the last good checkpoint is {last_good} (resume it with train.resume=auto)" if last_good else \
-        "no checkpoint was written yet"
+    keep = kept_checkpoint(last_good) if last_good else "no checkpoint was written yet"
     return (f"training diverged at step {step}: {what}; stopped without saving, {keep}; "
             "lower train.lr, keep train.max_grad_norm set, or use train.precision=fp32")

@@ -141,7 +141,7 @@ def load_models(cfg: DistillConfig, precision: str, checked: Preflight | None = 
     (no evaluation against it)."""
     checked = checked or preflight(cfg, role="distill", check_data=False)
     teacher, teacher_tok = None, None
-    if cfg.teacher.name_or_path is not None and cfg.teacher.cache is None:
+    if cfg.teacher.name_or_path is not None and cfg.teacher.cache is None and cfg.teacher.server is None:
         dtype = teacher_dtype(cfg.teacher.dtype, compute_dtype(precision))
         teacher, teacher_tok = load_teacher(cfg.teacher, dtype=dtype, tokenizer=checked.teacher_tokenizer)
     student, tokenizer = load_student(cfg.student, teacher=teacher, teacher_tokenizer=teacher_tok,
