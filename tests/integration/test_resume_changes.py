@@ -105,13 +105,22 @@ def test_keys_that_cannot_change_are_refused_before_any_model_loads(tmp_path, te
         assert key in message, message
     assert "train.max_steps" not in message  # allowed, not named
     # The same data file by another spelling of its path is not a change.
-    from potstill.config import as_config
+    from potstill.config import as_config, config_to_dict
     from potstill.training.resume import config_changes
 
     saved = json.loads((run / "checkpoints" / "step-000003" / "state.json").read_text())["config"]
     same = as_config(_config(run, teacher_dir, text_jsonl, max_steps=3),
                      [f"data.source={Path(os.path.relpath(text_jsonl))}"])
     assert config_changes(saved, same) == {}
+    # A teacher section given on one side only (a served teacher added on resume) is a change of the
+    # section, which no allowed key covers; its url alone may change between two served runs.
+    served = as_config(_config(run, teacher_dir, text_jsonl, max_steps=3),
+                       ["teacher.server.url=http://127.0.0.1:1", "loss.logits.temperature=1"])
+    assert "teacher.server" in config_changes(saved, served)
+    from potstill.training.resume import MAY_CHANGE
+
+    assert "teacher.server" not in MAY_CHANGE and "teacher.server.url" in MAY_CHANGE
+    assert "teacher.server" in config_changes(config_to_dict(served), same)
     assert _listing(run) == listing
 
 

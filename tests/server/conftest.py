@@ -46,7 +46,7 @@ class Served:
     max_model_len: int = MAX_MODEL_LEN
 
 
-@pytest.fixture(scope="package")
+@pytest.fixture(scope="session")
 def vllm(tmp_path_factory) -> Served:
     """The demo teacher served by vLLM on a free port (or the server POTSTILL_TEST_VLLM_URL names)."""
     given = os.environ.get("POTSTILL_TEST_VLLM_URL")

@@ -26,14 +26,26 @@ from ..models.vocab import output_rows
 from .base import NoTeacher, Teacher
 from .signal import SparseTargets, TeacherSignal
 
-__all__ = ["Teacher", "NoTeacher", "TeacherSignal", "SparseTargets", "build_teacher"]
+__all__ = ["Teacher", "NoTeacher", "TeacherSignal", "SparseTargets", "build_teacher", "connect_server"]
+
+
+def connect_server(cfg: DistillConfig, *, tokenizer, train_ds):
+    """The run's teacher server checked against the run (:func:`.served.connect`), or None without
+    ``teacher.server``. Called before the models load, so a wrong server costs no loading time."""
+    if cfg.teacher.server is None:
+        return None
+    from .served import connect
+
+    return connect(cfg.teacher.server, tokenizer=tokenizer, train_ds=train_ds, loss_cfg=cfg.loss,
+                   max_length=cfg.data.max_length)
 
 
 def build_teacher(cfg: DistillConfig, *, model: nn.Module | None, student: nn.Module, tokenizer, train_ds,
-                  features: FeatureDistiller | None = None,
+                  features: FeatureDistiller | None = None, server=None,
                   autocast: Callable[[], Any] = contextlib.nullcontext) -> Teacher:
-    """The teacher source of a run: its cache (``teacher.cache``), a server (``teacher.server``),
-    the model loaded in this process, or none (hard labels only)."""
+    """The teacher source of a run: its cache (``teacher.cache``), a server (``teacher.server``;
+    ``server`` is the one :func:`connect_server` checked), the model loaded in this process, or
+    none (hard labels only)."""
     if cfg.teacher.cache is not None:
         from .cached import CachedTeacher
 
@@ -42,8 +54,8 @@ def build_teacher(cfg: DistillConfig, *, model: nn.Module | None, student: nn.Mo
     if cfg.teacher.server is not None:
         from .served import ServedTeacher
 
-        return ServedTeacher(cfg.teacher.server, tokenizer=tokenizer, train_ds=train_ds, loss_cfg=cfg.loss,
-                             max_length=cfg.data.max_length, student_vocab=output_rows(student))
+        server = server or connect_server(cfg, tokenizer=tokenizer, train_ds=train_ds)
+        return ServedTeacher(server, loss_cfg=cfg.loss, student_vocab=output_rows(student))
     if model is not None:
         from .local import LocalTeacher
 

@@ -75,39 +75,49 @@ def check_tokenizer(server: TeacherServer, tokenizer, texts: list[str]) -> None:
                 "or distill a student of the teacher's tokenizer")
 
 
+def connect(cfg: ServerConfig, *, tokenizer, train_ds, loss_cfg, max_length: int) -> TeacherServer:
+    """The run's server, checked before any model loads: the loss is one a top-k signal feeds
+    exactly, and (when the run has a logit term) the server answers, serves the model, allows
+    ``top_k`` prompt log-probs and ``max_length`` tokens, and tokenizes like ``tokenizer`` (on
+    :data:`PROBES` and a few of ``train_ds``'s examples). Each failure is one line."""
+    lc = loss_cfg.logits
+    server = TeacherServer(cfg)
+    if lc.weight <= 0:
+        return server
+    if lc.temperature != 1.0:
+        raise ConfigError(f"loss.logits.temperature={lc.temperature} cannot be applied to {server.where}: servers "
+                          "return prompt log-probs before temperature (vLLM applies no sampling settings to "
+                          "prompt tokens) and a top-k cannot be re-tempered exactly without the other "
+                          "logits: set loss.logits.temperature=1, or load the teacher in this process")
+    check_sparse_loss(lc, kind="topk", where=server.where)
+    server.check(top_k=cfg.top_k, max_length=max_length)
+    if cfg.check_tokenizer:
+        check_tokenizer(server, tokenizer, list(PROBES) + data_probes(tokenizer, train_ds))
+    return server
+
+
 class ServedTeacher(Teacher):
     """Sparse top-k teacher targets from a server, asked ahead of time (see the module doc).
 
-    ``tokenizer``: the run's (the data's) tokenizer; ``train_ds``: its tokenized train set (the
-    tokenizer check reads a few examples); ``loss_cfg``: the run's loss section; ``max_length``:
-    the longest sequence the run sends; ``student_vocab``: the rows of the student's head.
+    ``server``: the run's server as :func:`connect` checked it; ``loss_cfg``: the run's loss
+    section; ``student_vocab``: the rows of the student's head (ids at or past it are refused).
     """
 
-    def __init__(self, cfg: ServerConfig, *, tokenizer, train_ds, loss_cfg, max_length: int, student_vocab: int):
-        lc = loss_cfg.logits
+    def __init__(self, server: TeacherServer, *, loss_cfg, student_vocab: int):
+        cfg = server.cfg
         self.cfg = cfg
-        self.server = TeacherServer(cfg)
-        where = self.server.where
-        if lc.weight > 0 and lc.temperature != 1.0:
-            raise ConfigError(f"loss.logits.temperature={lc.temperature} cannot be applied to {where}: servers "
-                              "return prompt log-probs before temperature (vLLM applies no sampling settings to "
-                              "prompt tokens) and a top-k cannot be re-tempered exactly without the other "
-                              "logits: set loss.logits.temperature=1, or load the teacher in this process")
-        check_sparse_loss(lc, kind="topk", where=where)
-        self.needs_logits = lc.weight > 0
-        self.divergence = lc.divergence
+        self.server = server
+        self.needs_logits = loss_cfg.logits.weight > 0
+        self.divergence = loss_cfg.logits.divergence
         self.vocab = student_vocab
         self.lookahead = cfg.lookahead if self.needs_logits else 0
         self._pool: ThreadPoolExecutor | None = None
         self._pending: dict[tuple, list[Future | None]] = {}
         if not self.needs_logits:
             return
-        self.server.check(top_k=cfg.top_k, max_length=max_length)
-        if cfg.check_tokenizer:
-            check_tokenizer(self.server, tokenizer, list(PROBES) + data_probes(tokenizer, train_ds))
         self._pool = ThreadPoolExecutor(cfg.max_concurrency, thread_name_prefix="potstill-teacher")
         log.info("teacher: served %s at %s (top-%d, %d requests at once, %d step(s) ahead), no teacher model loaded",
-                 self.server.model, self.server.base, cfg.top_k, cfg.max_concurrency, self.lookahead)
+                 server.model, server.base, cfg.top_k, cfg.max_concurrency, self.lookahead)
 
     # ---------------------------------------------------------------- requests
 

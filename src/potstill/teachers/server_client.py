@@ -55,6 +55,7 @@ class Refused(Exception):
     def __init__(self, status: int, message: str):
         super().__init__(message)
         self.status = status
+        self.message = message
 
 
 class Unanswered(Exception):

@@ -36,6 +36,9 @@ MAY_CHANGE: tuple[str, ...] = (
     "loss.logits.", "loss.ce.", "loss.path", "loss.chunk_size", "loss.memory_budget_mb",
     # memory only
     "student.gradient_checkpointing", "data.cache_dir",
+    # where and how patiently a served teacher is reached (the model and its top_k decide the targets)
+    "teacher.server.url", "teacher.server.timeout_s", "teacher.server.retries", "teacher.server.backoff_s",
+    "teacher.server.max_concurrency", "teacher.server.lookahead", "teacher.server.api_key_env",
 )
 # Changing these rebuilds the learning-rate schedule from the new settings.
 SCHEDULE_KEYS = ("train.lr", "train.max_steps", "train.epochs", "train.scheduler", "train.warmup_steps",
@@ -60,8 +63,25 @@ def config_changes(saved: dict[str, Any], cfg: DistillConfig) -> dict[str, tuple
     values given as objects from Python on either side (a model or dataset object saved as its
     type name cannot be compared with a path)."""
     old, new = flatten(saved), flatten(config_to_dict(cfg))
-    return {k: (old[k], new[k]) for k in sorted(old)
-            if k in new and not (_is_object(old[k]) or _is_object(new[k])) and _normal(old[k]) != _normal(new[k])}
+    changes = {k: (old[k], new[k]) for k in sorted(old)
+               if k in new and not (_is_object(old[k]) or _is_object(new[k])) and _normal(old[k]) != _normal(new[k])}
+    # An optional section given on one side only (teacher.server: null -> {url: ...}): its keys exist on
+    # one side, its name as a null leaf on the other. Reported under the section's name, which no
+    # MAY_CHANGE entry covers, so adding or dropping a section is refused.
+    for mine, other, flip in ((old, new, False), (new, old, True)):
+        for key in mine:
+            section = _null_parent(key, other)
+            if section is not None and section not in changes:
+                pair = ("(none)", "{...}") if flip else ("{...}", "(none)")
+                changes[section] = pair
+    return dict(sorted(changes.items()))
+
+
+def _null_parent(key: str, flat: dict[str, Any]) -> str | None:
+    """The prefix of dotted ``key`` that is a null leaf in ``flat`` (that side has no such section), or None."""
+    parts = key.split(".")
+    return next((p for p in (".".join(parts[:i]) for i in range(1, len(parts))) if p in flat and flat[p] is None),
+                None)
 
 
 def _is_object(value: Any) -> bool:

@@ -32,7 +32,7 @@ from ..models.preflight import Preflight, preflight
 from ..models.students import load_student
 from ..models.teacher_model import load_teacher, teacher_dtype
 from ..models.vocab import check_vocab
-from ..teachers import Teacher, build_teacher
+from ..teachers import Teacher, build_teacher, connect_server
 from ..teachers.cache_format import check_manifest, read_manifest
 from .forward import StudentForward
 from .objective import Objective
@@ -104,6 +104,7 @@ def build_run(cfg: DistillConfig, accelerator, precision: str, run_dir: Path, *,
     if accelerator.is_main_process:
         warn_about_datasets(train_ds, val_ds, epochs=batcher.epoch_of(max_steps))
 
+    server = connect_server(cfg, tokenizer=checked.tokenizer, train_ds=train_ds)  # a served teacher: checked first
     teacher_model, student, tokenizer, shared_vocab = load_models(cfg, precision, checked)
     features = FeatureDistiller.build(cfg.loss, teacher_model, student, seed=cfg.train.seed)
     if features is not None:
@@ -117,7 +118,7 @@ def build_run(cfg: DistillConfig, accelerator, precision: str, run_dir: Path, *,
              precision, device, accelerator.num_processes)
 
     teacher = build_teacher(cfg, model=teacher_model, student=student, tokenizer=tokenizer, train_ds=train_ds,
-                            features=features, autocast=autocast)
+                            features=features, server=server, autocast=autocast)
     optimizer, scheduler = build_optimizer(cfg, student, features, max_steps)
     wrapped, optimizer = accelerator.prepare(student, optimizer)
     raw_student = accelerator.unwrap_model(wrapped)
