@@ -13,6 +13,8 @@ def test_config_reference_is_current():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    # Both markers, once each: without them the table is not regenerated and the comparison proves nothing.
+    assert readme.count(module.START) == 1 and readme.count(module.END) == 1, "the config reference lost a marker"
     assert module.rendered(readme) == readme, "run: python tools/update_readme.py"
 
 
