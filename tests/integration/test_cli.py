@@ -68,7 +68,7 @@ def test_distill_chat_data_end_to_end(tmp_path, teacher_dir, chat_jsonl):
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if "loss" in r]
     assert [r["step"] for r in train] == [1, 2, 3, 4, 5, 6]
-    for key in ("loss", "loss/kd", "loss/ce", "lr", "grad_norm", "tokens_per_s", "step_time_s", "peak_mem_mb"):
+    for key in ("loss", "loss/kd", "loss/ce", "lr", "grad_norm", "tokens_per_s", "step_time_s", "teacher_s", "peak_mem_mb"):
         assert all(key in r for r in train), key
     evals = [r for r in records if "eval/ppl" in r]
     assert [r["step"] for r in evals] == [3, 6]

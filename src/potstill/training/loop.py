@@ -176,10 +176,13 @@ def train_step(run: Run, batches: list[MicroBatch], step: int,
     acc = run.accelerator
     n_valid_step = reduce_sum({"n": sum(b.n_valid.cpu() for b in batches)}, acc)["n"]
     sums = {"loss": torch.zeros(()), "tokens": torch.zeros(())}
+    teacher_s = 0.0
     for m, batch in enumerate(batches):
         sync = m == len(batches) - 1  # DDP all-reduces the gradients on the last micro-batch only
         with contextlib.nullcontext() if sync else acc.no_sync(run.student):
+            started = time.perf_counter()
             signal = run.teacher.signal(batch)
+            teacher_s += time.perf_counter() - started
             student_out = run.student_forward(batch)
             out = run.objective.compute(student_out, signal, batch)
             if not torch.isfinite(out.weighted_sum):
@@ -199,12 +202,14 @@ def train_step(run: Run, batches: list[MicroBatch], step: int,
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
     sums["n_valid"] = torch.as_tensor(n_valid_step)
+    sums["teacher_s"] = torch.as_tensor(teacher_s)
     return sums, float(grad_norm)
 
 
 class StepLog:
     """Per-step sums -> the progress bar, and every ``train.log_every`` steps one metrics record
-    (mean loss terms per valid token, lr, grad norm, tokens/s, step time, peak memory)."""
+    (mean loss terms per valid token, lr, grad norm, tokens/s, step time, the time spent waiting
+    for the teacher per step, peak memory)."""
 
     def __init__(self, run: Run, metrics: MetricsLogger, start_step: int, progress: bool):
         from tqdm.auto import tqdm
@@ -219,6 +224,9 @@ class StepLog:
 
     def add(self, done: int, sums: dict[str, torch.Tensor], grad_norm: float) -> None:
         n_valid = float(sums.pop("n_valid"))
+        # Seconds this process waited for the teacher's signal (a local forward, a cache read, or the
+        # part of a server's latency that prefetching did not hide).
+        self.window["teacher_s"] = self.window.get("teacher_s", 0.0) + float(sums.pop("teacher_s", 0.0))
         totals = reduce_sum(sums, self.run.accelerator)
         n = max(n_valid, 1.0)
         values = {"loss": totals["loss"] / n,
