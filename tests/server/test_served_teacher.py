@@ -219,3 +219,22 @@ def test_prefix_caching_does_not_drop_prompt_log_probs(vllm):
     assert first["ids"].shape == (len(ids) - 1, 5)
     for key in first:
         assert (first[key] == second[key]).all()
+
+
+@pytest.mark.skipif(__import__("shutil").which("torchrun") is None, reason="torchrun not on PATH")
+def test_two_processes_on_one_server_equal_one_process_with_accumulation(tmp_path, vllm, demo_teacher, demo_text):
+    """Each rank asks the server for its own micro-batches; the run is the one-process run with grad_accum=2."""
+    from tiny import run_torchrun_distill
+
+    cfg = served_config(tmp_path / "two", demo_text, vllm.url, vllm.name, demo_teacher, max_steps=4)
+    cfg["data"]["packing"] = False  # micro-batches with different numbers of valid tokens
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    two = run_torchrun_distill(path)
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = cli(cfg, path, "train.grad_accum=2", f"output.dir={tmp_path / 'one'}")
+    assert one.returncode == 0, one.stderr[-3000:]
+    a, b = losses(tmp_path / "two"), losses(tmp_path / "one")
+    assert [s for s, _ in a] == [s for s, _ in b] == [1, 2, 3, 4]
+    for (_, la), (_, lb) in zip(a, b):
+        assert la == pytest.approx(lb, rel=1e-5)
