@@ -96,3 +96,27 @@ def test_config_refuses_what_a_served_teacher_cannot_do(extra, message):
     base = {"data": {"source": "x.jsonl"}, "student": {"config": {"model_type": "llama"}}}
     with pytest.raises(ValidationError, match=message):
         DistillConfig.model_validate({**base, **extra})
+
+
+def test_a_closed_client_stops_retrying_at_once():
+    """A run that ended closes its client: a request still queued must not wait out a dead server's backoff."""
+    import threading
+    import time
+
+    server = TeacherServer(ServerConfig(url=f"http://127.0.0.1:{closed_port()}", retries=50, backoff_s=5.0))
+    errors = []
+
+    def ask():
+        try:
+            server.resolve_model()
+        except ServerError as err:
+            errors.append(str(err))
+
+    started = time.monotonic()
+    thread = threading.Thread(target=ask)
+    thread.start()
+    time.sleep(0.3)  # it is in its first 5 s backoff wait now
+    server.close()
+    thread.join(10)
+    assert not thread.is_alive() and time.monotonic() - started < 5
+    assert errors and "the client was closed" in errors[0]

@@ -173,11 +173,10 @@ class ServedTeacher(Teacher):
         return sparse_chunked_problem(self.needs_logits, self.divergence, "served teacher")
 
     def close(self) -> None:
+        """Cancel what was asked ahead and not started; stop retries (the process must not wait out a
+        dead server's backoff after the run ended)."""
+        self.server.close()
         if self._pool is not None:
-            for futures in self._pending.values():
-                for f in futures:
-                    if f is not None:
-                        f.cancel()
-            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None
         self._pending.clear()

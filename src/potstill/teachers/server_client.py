@@ -33,7 +33,7 @@ import logging
 import math
 import os
 import socket
-import time
+import threading
 import urllib.error
 import urllib.request
 from typing import Any, Callable
@@ -78,7 +78,7 @@ def error_message(body: bytes) -> str:
 class TeacherServer:
     """One served model, reached over HTTP; thread-safe (each call opens its own connection)."""
 
-    def __init__(self, cfg: ServerConfig, *, sleep: Callable[[float], None] = time.sleep):
+    def __init__(self, cfg: ServerConfig, *, sleep: Callable[[float], Any] | None = None):
         self.cfg = cfg
         self.base = cfg.url.rstrip("/")
         if self.base.endswith("/v1"):  # users paste the OpenAI base URL; the tokenizer lives beside /v1
@@ -86,7 +86,8 @@ class TeacherServer:
         self.where = f"teacher.server {cfg.url}"
         self.model = cfg.model
         self.max_model_len: int | None = None
-        self._sleep = sleep
+        self._closed = threading.Event()
+        self._sleep = sleep or self._closed.wait  # a backoff wait ends early when the client is closed
         self._headers = {"Content-Type": "application/json"}
         if cfg.api_key_env:
             key = os.environ.get(cfg.api_key_env)
@@ -124,6 +125,8 @@ class TeacherServer:
         that is retried like a dropped connection."""
         attempts, delay, waited = self.cfg.retries + 1, self.cfg.backoff_s, 0.0
         for attempt in range(attempts):
+            if self._closed.is_set():
+                raise ServerError(f"{self.where}: the client was closed (the run is ending)")
             try:
                 return parse(self._once(method, path, body))
             except Unanswered as err:
@@ -137,6 +140,11 @@ class TeacherServer:
         raise ServerError(f"{self.where}: no answer to {method} {path} after {attempts} tries over {waited:.0f} s "
                           f"(last: {last}): check the server is up and reachable (teacher.server.retries, "
                           "timeout_s and backoff_s set the patience)")
+
+    def close(self) -> None:
+        """Stop retrying: requests not yet sent and backoff waits end at once (one in flight ends by
+        itself, at the latest after ``timeout_s``)."""
+        self._closed.set()
 
     def refused(self, err: Refused, what: str) -> ServerError:
         return ServerError(f"{self.where} refused {what} (HTTP {err.status}): {err.message}")

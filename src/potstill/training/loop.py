@@ -90,21 +90,30 @@ def train(cfg: DistillConfig, *, progress: bool = True) -> RunResult:
                 return complete
         set_seed(cfg.train.seed)
         run = build_run(cfg, accelerator, precision, run_dir, progress=progress)
-        start_step = resume_run(run, resume_from, saved, changes) if resume_from is not None else 0
-        # No ``where=``: this block also runs the model, whose errors must not be read as a full disk.
-        with disk_errors(f"writing the run in {run_dir}", advice=lambda: resume_advice(run_dir)):
-            if run.is_main:
-                write_run_files(cfg, run_dir)
-            metrics = MetricsLogger(run_dir, enabled=run.is_main, tensorboard=cfg.output.tensorboard,
-                                    resume_step=start_step if resume_from is not None else None)
-            last_good = ckpt.latest_checkpoint(run_dir)
-            with StopRequest() as stop:
-                train_metrics = train_steps(run, metrics, start_step, last_good, stop, progress)
-            return finish(run, metrics, train_metrics,
-                          resumed_at_end=resume_from is not None and start_step == run.max_steps)
+        try:
+            return run_steps(run, resume_from, saved, changes, progress)
+        finally:
+            run.teacher.close()  # on every way out: a served teacher's threads must not outlive the run
     finally:
         if lock is not None:
             lock.release()
+
+
+def run_steps(run: Run, resume_from: Path | None, saved: dict, changes: dict, progress: bool) -> RunResult:
+    """From the built run to its result: resume, the steps, the final save."""
+    run_dir = run.run_dir
+    start_step = resume_run(run, resume_from, saved, changes) if resume_from is not None else 0
+    # No ``where=``: this block also runs the model, whose errors must not be read as a full disk.
+    with disk_errors(f"writing the run in {run_dir}", advice=lambda: resume_advice(run_dir)):
+        if run.is_main:
+            write_run_files(run.cfg, run_dir)
+        metrics = MetricsLogger(run_dir, enabled=run.is_main, tensorboard=run.cfg.output.tensorboard,
+                                resume_step=start_step if resume_from is not None else None)
+        last_good = ckpt.latest_checkpoint(run_dir)
+        with StopRequest() as stop:
+            train_metrics = train_steps(run, metrics, start_step, last_good, stop, progress)
+        return finish(run, metrics, train_metrics,
+                      resumed_at_end=resume_from is not None and start_step == run.max_steps)
 
 
 def share_resume_point(resume_from: Path | None, accelerator) -> Path | None:
