@@ -14,14 +14,27 @@ The folder is potstill's own: it is marked as a cache when created, a capture re
 checked before any work), and ``cache.overwrite`` deletes only the files an earlier capture
 wrote there, after the teacher and the data were loaded. A full disk or a read-only folder
 ends the capture with one line; what was complete stays, and the next run continues from it.
+
+With ``teacher.server`` (a vLLM server) no teacher loads: each example's token ids go to the
+server (:meth:`~.server_client.TeacherServer.topk_rows`, ``k`` = ``cache.k``), all the examples
+of a shard at once with at most ``teacher.server.max_concurrency`` requests in flight, and the
+rows are written in example order, so the shards are the same bytes whatever order the answers
+come in (vLLM's prompt log-probs are the same alone or batched). The server and its tokenizer
+are checked before any work; what it cannot give exactly is refused (``cache.kind=sampled``: a
+server returns the top-k only; a temperature other than 1: prompt log-probs come untempered).
+The manifest names the served model (``teacher.source: server``, ``server.url``); a server
+fault ends the capture with one :class:`~potstill.errors.ServerError` line after the client's
+retries, and the complete shards stay for the next run.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -29,16 +42,18 @@ import torch
 from ..atomic import disk_errors
 from ..config import DistillConfig, as_config
 from ..data import build_datasets, collate
-from ..errors import ConfigError
+from ..errors import ConfigError, ServerError
 from ..models.precision import autocast_context, compute_dtype, resolve_precision
 from ..models.preflight import preflight
 from ..models.teacher_model import load_teacher, teacher_dtype
 from ..models.vocab import output_rows
-from ..ownership import check_writable, input_paths, is_within, mark_owned, owner_kind
+from ..ownership import check_writable, input_paths, is_within, mark_owned, owner_kind, read_json_object
 from ..stopping import StopRequest
 from . import cache_format as fmt
 from .cache_format import CacheError
 from .cached import tokenizer_sha256
+from .served import PROBES, check_tokenizer, data_probes
+from .server_client import TeacherServer
 
 log = logging.getLogger("potstill")
 
@@ -87,32 +102,177 @@ def encode_rows(rows: dict[str, np.ndarray], *, kind: str, vocab_size: int, valu
 
 def cache_teacher(config, *, overrides=(), progress: bool = True) -> dict[str, Any]:
     """Capture (or finish capturing) the teacher cache described by ``config``; returns the manifest."""
-    from tqdm.auto import tqdm
-
     cfg: DistillConfig = as_config(config, overrides)
     cc = cfg.cache
-    if cfg.teacher.name_or_path is None:
+    served = cfg.teacher.server is not None
+    if served:
+        check_served_settings(cfg)
+    elif cfg.teacher.name_or_path is None:
         raise ConfigError("cache-teacher needs teacher.name_or_path: the model whose logits to capture")
     folder = Path(cc.dir)
     check_cache_dir(folder, cfg)
+    # Cheap before costly: tokenizers, model folders (and the server) before the data are tokenized
+    # (which checks every row) and before a teacher loads, so a mistake is one line without waiting.
+    checked = preflight(cfg, role="cache-teacher", check_data=False)
+    source = (served_source if served else local_source)(cfg, checked, progress=progress)
+    try:
+        return _capture(cfg, source, progress=progress)
+    finally:
+        source.close()
+
+
+@dataclass
+class Source:
+    """Where a capture's rows come from: a teacher in this process or a server.
+
+    ``rows(s, lo, hi, bar)`` gives shard ``s`` (examples ``lo .. hi-1``): the rows of their valid
+    positions, example after example, and per-example counts (hi - lo,); it advances ``bar`` by
+    the positions it scored."""
+
+    train_ds: Any
+    tokenizer: Any
+    vocab: int
+    k: int
+    teacher: dict[str, Any]  # the manifest's teacher entry
+    rows: Callable[[int, int, int, Any], tuple[dict[str, np.ndarray], np.ndarray]]
+    extra: dict[str, Any] = field(default_factory=dict)  # manifest keys outside the compared header
+    close: Callable[[], None] = lambda: None
+
+
+def local_source(cfg: DistillConfig, checked, *, progress: bool) -> Source:
+    """The teacher loaded here (after the data are tokenized), a forward per batch."""
+    cc = cfg.cache
     precision = resolve_precision(cfg.train.precision)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     t_dtype = teacher_dtype(cfg.teacher.dtype, compute_dtype(precision))
-    # Cheap before costly: tokenizers, model folders and the data (tokenized here, which checks every
-    # row) before the teacher loads, so a mistake is one line without waiting for a large model.
-    checked = preflight(cfg, role="cache-teacher", check_data=False)
     train_ds, _ = build_datasets(cfg.data, checked.tokenizer, seed=cfg.train.seed, progress=progress)
     teacher, tok = load_teacher(cfg.teacher, dtype=t_dtype, tokenizer=checked.teacher_tokenizer)
-    teacher.to(device)
+    teacher.to(device).eval()
     vocab = output_rows(teacher)
     k = min(cc.k, vocab) if cc.kind == "topk" else cc.k
+    autocast = autocast_context(precision, device)
+    batch_size = cc.batch_size or cfg.train.batch_size
+
+    def rows(s: int, lo: int, hi: int, bar) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        gen = None
+        if cc.kind == "sampled":  # a seed per shard: a resumed capture draws what an uninterrupted one did
+            gen = torch.Generator(device=device).manual_seed(cc.seed * 1_000_003 + s)
+        parts: list[dict[str, np.ndarray]] = []
+        counts: list[np.ndarray] = []
+        for a in range(lo, hi, batch_size):
+            batch = collate([train_ds[i] for i in range(a, min(a + batch_size, hi))], tok.pad_token_id)
+            batch = {key: v.to(device) for key, v in batch.items()}
+            with torch.no_grad(), autocast():
+                logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            got, per_example = teacher_rows(logits, batch["labels"], kind=cc.kind, k=k,
+                                            temperature=cfg.loss.logits.temperature, generator=gen)
+            parts.append({key: v.cpu().numpy() for key, v in got.items()})
+            counts.append(per_example.cpu().numpy())
+            bar.update(int(batch["attention_mask"][:, 1:].sum()))
+        return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}, np.concatenate(counts)
+
+    teacher_entry = {"name": model_name(cfg.teacher.name_or_path), "revision": cfg.teacher.revision,
+                     "vocab_size": vocab, "dtype": str(t_dtype).removeprefix("torch."), "precision": precision}
+    return Source(train_ds, tok, vocab, k, teacher_entry, rows)
+
+
+# ----------------------------------------------------------------------------------------
+# A served teacher (vLLM): top-k prompt log-probs of each example's token ids, many at once
+
+
+def check_served_settings(cfg: DistillConfig) -> None:
+    """What a server cannot give exactly, refused before any work: samples (they are drawn from
+    the whole distribution; a server returns its top k) and a temperature (prompt log-probs come
+    untempered, and a top-k cannot be re-tempered without the other logits)."""
+    where = f"teacher.server {cfg.teacher.server.url}"
+    if cfg.cache.kind == "sampled":
+        raise ConfigError(f"cache.kind=sampled cannot be captured from {where}: samples are drawn from the "
+                          "teacher's whole distribution and a server returns only its top-k log-probs: set "
+                          "cache.kind=topk, or load the teacher in this process (teacher.name_or_path, no "
+                          "teacher.server)")
+    if cfg.loss.logits.temperature != 1.0:
+        raise ConfigError(f"loss.logits.temperature={cfg.loss.logits.temperature} cannot be captured from {where}: "
+                          "servers return prompt log-probs before temperature and a top-k cannot be re-tempered "
+                          "exactly without the other logits: set loss.logits.temperature=1, or load the teacher in "
+                          "this process (teacher.name_or_path, no teacher.server)")
+
+
+def served_vocab(cfg: DistillConfig, tokenizer) -> int:
+    """The served model's vocabulary (rows of its head), which sizes the cache's packed ids: the
+    ``vocab_size`` of a local config.json beside the tokenizer (the model's folder), else the
+    tokenizer's length (a server never says; ids past it are refused while capturing)."""
+    for ref in (cfg.teacher.name_or_path, cfg.teacher.tokenizer):
+        path = Path(ref) / "config.json" if isinstance(ref, (str, Path)) else None
+        data = read_json_object(path) if path is not None and path.is_file() else None
+        if data:
+            size = data.get("vocab_size", (data.get("text_config") or {}).get("vocab_size"))
+            if isinstance(size, int) and not isinstance(size, bool) and size >= len(tokenizer):
+                return size
+    return len(tokenizer)
+
+
+def served_source(cfg: DistillConfig, checked, *, progress: bool) -> Source:
+    """Rows from ``teacher.server``: one request per example, every example of a shard asked at
+    once with at most ``teacher.server.max_concurrency`` in flight, kept in example order (so
+    the shard's bytes do not depend on which answer lands first). No teacher model loads."""
+    sc = cfg.teacher.server
+    tok = checked.tokenizer
+    vocab = served_vocab(cfg, tok)
+    k = min(cfg.cache.k, vocab)
+    server = TeacherServer(sc)
+    # before the data: no tokenizing for a dead server
+    server.check(top_k=k, max_length=cfg.data.max_length, setting="cache.k")
+    train_ds, _ = build_datasets(cfg.data, tok, seed=cfg.train.seed, progress=progress)
+    if sc.check_tokenizer:
+        check_tokenizer(server, tok, list(PROBES) + data_probes(tok, train_ds))
+    pool = ThreadPoolExecutor(sc.max_concurrency, thread_name_prefix="potstill-capture")
+    log.info("teacher: served %s at %s (top-%d, %d requests at once), no teacher model loaded", server.model,
+             server.base, k, sc.max_concurrency)
+
+    def example_rows(ids: list[int], keep: np.ndarray) -> dict[str, np.ndarray]:
+        got = server.topk_rows(ids, k)  # (len(ids) - 1) rows: positions 0 .. T-2
+        return {key: value[keep] for key, value in got.items()}
+
+    def rows(s: int, lo: int, hi: int, bar) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        items = [train_ds[i] for i in range(lo, hi)]  # read here: the dataset is not shared with the threads
+        futures = {pool.submit(example_rows, item["input_ids"].tolist(), (item["labels"][1:] != -100).numpy()):
+                   max(len(item["input_ids"]) - 1, 0) for item in items}
+        try:
+            for future in as_completed(futures):
+                future.result()  # the first fault ends the shard (ServerError), the rest are cancelled
+                bar.update(futures[future])
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise
+        parts = [future.result() for future in futures]  # example order (dicts keep insertion order)
+        got = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
+        if len(got["ids"]) and int(got["ids"].max()) >= vocab:
+            raise ServerError(f"{server.where}: token id {int(got['ids'].max())} is outside the {vocab} ids of this "
+                              "run's tokenizer / teacher config: the server's model has another vocabulary")
+        return got, np.array([len(p["ids"]) for p in parts], np.int64)
+
+    teacher_entry = {"name": server.model, "source": "server", "vocab_size": vocab}
+    return Source(train_ds, tok, vocab, k, teacher_entry, rows, extra={"server": {"url": sc.url, "model": server.model}},
+                  close=lambda: (server.close(), pool.shutdown(wait=False, cancel_futures=True)))
+
+
+# ----------------------------------------------------------------------------------------
+# The capture: shard after shard, each written whole, resumable
+
+
+def _capture(cfg: DistillConfig, source: Source, *, progress: bool) -> dict[str, Any]:
+    """Write the shards ``source`` gives into ``cache.dir``, continuing after its complete ones."""
+    from tqdm.auto import tqdm
+
+    cc = cfg.cache
+    folder = Path(cc.dir)
+    train_ds, vocab, k = source.train_ds, source.vocab, source.k
     n = len(train_ds)
     per_shard = cc.examples_per_shard
     header = {
-        "format": fmt.FORMAT, "version": fmt.VERSION,
-        "teacher": {"name": model_name(cfg.teacher.name_or_path), "revision": cfg.teacher.revision,
-                    "vocab_size": vocab, "dtype": str(t_dtype).removeprefix("torch."), "precision": precision},
-        "tokenizer_sha256": tokenizer_sha256(tok),
+        "format": fmt.FORMAT, "version": fmt.VERSION, "teacher": source.teacher,
+        "tokenizer_sha256": tokenizer_sha256(source.tokenizer),
         "dataset": {"fingerprint": train_ds.fingerprint, "n_examples": n, "source": train_ds.manifest.get("source")},
         "kind": cc.kind, "k": k, "temperature": cfg.loss.logits.temperature,
         "encoding": {"id_bits": fmt.id_bits(vocab), "ids": "packed big-endian, rows padded to bytes",
@@ -122,40 +282,26 @@ def cache_teacher(config, *, overrides=(), progress: bool = True) -> dict[str, A
         "examples_per_shard": per_shard, "seed": cc.seed if cc.kind == "sampled" else None,
         "n_shards": -(-n // per_shard),
     }
-    manifest = _open_for_writing(folder, header, overwrite=cc.overwrite)
+    manifest = _open_for_writing(folder, {**header, **source.extra}, overwrite=cc.overwrite)
     start = len(manifest["shards"])
     if start:
         log.info("teacher cache %s: continuing after %d of %d complete shards", folder, start, header["n_shards"])
-    autocast = autocast_context(precision, device)
-    batch_size = cc.batch_size or cfg.train.batch_size
+        if "server" in source.extra and manifest.get("server") != source.extra["server"]:
+            # Allowed (a restarted server moves), but the shards then come from two servers: say so.
+            log.warning("teacher cache %s: begun from %s, continued from %s: both must serve the same weights "
+                        "and dtype", folder, (manifest.get("server") or {}).get("url"), source.extra["server"]["url"])
     lengths = np.diff(np.asarray(train_ds.offsets))
     todo_tokens = int(np.maximum(lengths[start * per_shard:] - 1, 0).sum())
     bar = tqdm(total=todo_tokens, desc="cache-teacher", unit="tok", unit_scale=True, disable=not progress,
                dynamic_ncols=True)
     t0 = time.perf_counter()
-    teacher.eval()
     with StopRequest() as stop:  # SIGTERM / Ctrl-C: finish the shard in hand, keep it, stop
         for s in range(start, header["n_shards"]):
             lo, hi = s * per_shard, min((s + 1) * per_shard, n)
             t_shard = time.perf_counter()
-            gen = None
-            if cc.kind == "sampled":
-                gen = torch.Generator(device=device).manual_seed(cc.seed * 1_000_003 + s)
-            parts: list[dict[str, np.ndarray]] = []
-            counts: list[np.ndarray] = []
-            for a in range(lo, hi, batch_size):
-                batch = collate([train_ds[i] for i in range(a, min(a + batch_size, hi))], tok.pad_token_id)
-                batch = {key: v.to(device) for key, v in batch.items()}
-                with torch.no_grad(), autocast():
-                    logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                rows, per_example = teacher_rows(logits, batch["labels"], kind=cc.kind, k=k,
-                                                 temperature=header["temperature"], generator=gen)
-                parts.append({key: v.cpu().numpy() for key, v in rows.items()})
-                counts.append(per_example.cpu().numpy())
-                bar.update(int(batch["attention_mask"][:, 1:].sum()))
-            rows_np = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
+            rows_np, counts = source.rows(s, lo, hi, bar)
             arrays = encode_rows(rows_np, kind=cc.kind, vocab_size=vocab, value_bits=cc.value_bits)
-            arrays["offsets"] = np.concatenate([[0], np.cumsum(np.concatenate(counts))]).astype(np.int64)
+            arrays["offsets"] = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
             with _writing(folder, done=s):
                 entry = fmt.write_shard(folder, s, arrays)
                 entry.update(examples=[lo, hi], rows=int(arrays["offsets"][-1]),

@@ -173,9 +173,10 @@ class TeacherServer:
         self.max_model_len = int(length) if isinstance(length, int) else None
         return self.model
 
-    def check(self, *, top_k: int, max_length: int | None) -> None:
+    def check(self, *, top_k: int, max_length: int | None, setting: str = "teacher.server.top_k") -> None:
         """Before any work: the server answers, serves the model, allows ``top_k`` prompt
-        log-probs (``--max-logprobs``) and sequences of ``max_length`` tokens (``--max-model-len``)."""
+        log-probs (``--max-logprobs``; ``setting`` is the config key that asked for them) and
+        sequences of ``max_length`` tokens (``--max-model-len``)."""
         self.resolve_model()
         if max_length is not None and self.max_model_len is not None and max_length > self.max_model_len:
             raise ServerError(f"{self.where} serves {self.model} with --max-model-len {self.max_model_len}, shorter "
@@ -185,9 +186,9 @@ class TeacherServer:
             self.prompt_logprobs([0, 0], top_k)
         except Refused as err:
             if "prompt logprobs" in err.message.lower() or "max_logprobs" in err.message.lower():
-                raise ServerError(f"{self.where} allows fewer prompt log-probs than teacher.server.top_k={top_k} "
+                raise ServerError(f"{self.where} allows fewer prompt log-probs than {setting}={top_k} "
                                   f"({err.message}): restart vLLM with --max-logprobs {top_k} (or more), or lower "
-                                  "teacher.server.top_k") from None
+                                  f"{setting}") from None
             raise self.refused(err, f"a request for {top_k} prompt log-probs") from None
 
     def tokenize(self, text: str, *, add_special_tokens: bool) -> list[int]:
