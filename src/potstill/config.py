@@ -364,10 +364,13 @@ class DistillConfig(_Section):
         if needs_teacher and self.teacher.name_or_path is None:
             raise ValueError("teacher.name_or_path is required for logit or feature distillation "
                              "(or set loss.logits.weight=0 and loss.ce.weight>0 to train on labels alone)")
-        if self.student.from_teacher is not None and self.teacher.server is not None:
+        # Only a student section given here: the default (cut from the teacher) matters to distill alone,
+        # and preflight refuses it there; cache-teacher and generate never build a student.
+        if self.student.from_teacher is not None and self.teacher.server is not None \
+                and "student" in self.model_fields_set:
             raise ValueError("student.from_teacher needs the teacher's weights, which a served teacher keeps in its "
                              "server: give student.name_or_path or student.config")
-        if self.student.from_teacher is not None and self.teacher.name_or_path is None:
+        if self.student.from_teacher is not None and self.teacher.name_or_path is None and self.teacher.server is None:
             raise ValueError("student.from_teacher needs teacher.name_or_path (a teacher cache holds no weights): "
                              "give student.name_or_path or student.config")
         return self

@@ -1,15 +1,18 @@
-"""A TCP forwarder in front of the real vLLM server, that a test can cut and restore.
+"""Network faults in front of the real vLLM server: the answers that arrive are the server's own.
 
-The run talks to ``proxy.url``; :meth:`Proxy.cut` closes the listening socket and every live
-connection (to the client it is exactly a server that went away: connections reset, new
-ones refused), :meth:`Proxy.restore` listens on the same port again. Nothing about the
-server's answers is changed: bytes pass through as they are.
+:class:`Proxy` forwards TCP both ways; :meth:`Proxy.cut` closes the listening socket and every
+live connection (to the client exactly a server that went away: connections reset, new ones
+refused), :meth:`Proxy.restore` listens on the same port again.
+
+:class:`Relay` forwards whole HTTP requests, counting the ones that ask for log-probs: past a
+count it holds them until released, or closes them unanswered.
 """
 
 from __future__ import annotations
 
 import socket
 import threading
+from urllib.parse import urlsplit
 
 
 class Proxy:
@@ -80,3 +83,73 @@ class Proxy:
                     s.shutdown(socket.SHUT_RDWR)
                 except OSError:
                     pass
+
+
+
+
+class Relay:
+    """Forwards HTTP requests to ``upstream`` unchanged. Requests for an example's log-probs
+    (POST /v1/completions other than the check's two-token probe) are counted; past ``hold_after``
+    of them each waits for :meth:`release`, past ``cut_after`` the connection closes unanswered."""
+
+    def __init__(self, upstream: str, *, hold_after: int | None = None, cut_after: int | None = None):
+        parts = urlsplit(upstream)
+        self.upstream = (parts.hostname, parts.port)
+        self.hold_after, self.cut_after = hold_after, cut_after
+        self.scored = self.held = self.cut = 0
+        self._lock = threading.Lock()
+        self._released = threading.Event()
+        self._sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self._sock.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def release(self) -> None:
+        self._released.set()
+
+    def close(self) -> None:
+        self._released.set()
+        self._sock.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._relay, args=(conn,), daemon=True).start()
+
+    def _relay(self, conn: socket.socket) -> None:
+        with conn:
+            request = _read_request(conn)
+            if request.startswith(b"POST /v1/completions") and b'"prompt": [0, 0]' not in request:
+                with self._lock:
+                    self.scored += 1
+                    n = self.scored
+                    hold = self.hold_after is not None and n > self.hold_after
+                    cut = self.cut_after is not None and n > self.cut_after
+                    self.held += hold
+                    self.cut += cut
+                if hold:
+                    self._released.wait(60)
+                if cut:
+                    return  # closed without an answer, as a server that went away
+            # urllib asks for Connection: close, so the server ends the answer by closing.
+            with socket.create_connection(self.upstream) as up:
+                up.sendall(request)
+                while chunk := up.recv(1 << 16):
+                    conn.sendall(chunk)
+
+
+def _read_request(conn: socket.socket) -> bytes:
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = conn.recv(1 << 16)
+        if not chunk:
+            return data
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next((int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                   if line.lower().startswith(b"content-length:")), 0)
+    while len(body) < length:
+        body += conn.recv(1 << 16)
+    return head + b"\r\n\r\n" + body

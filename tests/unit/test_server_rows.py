@@ -120,3 +120,16 @@ def test_a_closed_client_stops_retrying_at_once():
     thread.join(10)
     assert not thread.is_alive() and time.monotonic() - started < 5
     assert errors and "the client was closed" in errors[0]
+
+
+def test_the_default_student_is_refused_for_distill_only(tmp_path):
+    """cache-teacher and generate configs need no student section; distill's default student (cut from
+    the teacher) cannot be made from a served teacher, which preflight says in one line."""
+    from potstill.errors import ModelError
+    from potstill.models.preflight import check_settings
+
+    cfg = DistillConfig.model_validate({"data": {"source": "x.jsonl"}, "teacher": {"server": {"url": "http://x"}}})
+    assert cfg.student.from_teacher is not None
+    with pytest.raises(ModelError, match="default student.*keeps in its server: give student.name_or_path"):
+        check_settings(cfg, "distill")
+    check_settings(cfg, "cache-teacher")  # no student needed

@@ -27,6 +27,12 @@ Never lose or mix output. The files beside ``generate.output`` (``gen.jsonl``):
   the final file is published atomically (temp name, rename). A finished output is returned
   as is for the same settings and refused for others.
 
+With ``teacher.server`` (vLLM) no teacher loads: the server answers each prompt, requests
+running concurrently, rows still written a batch at a time in prompt order; each prompt
+samples from a seed derived from its row index. The settings name the server (its URL and
+model) instead of a local teacher and device. The requests and their checks are in
+:mod:`potstill.teachers.served_generation`.
+
 What generate did not write is never replaced: an existing output without a summary, a
 partial file without its settings file, or an output that is (or lies in, or is matched
 by) ``data.source`` / ``data.validation_source`` is refused in one line. All of this is
@@ -221,8 +227,12 @@ def _ident(ref: Any) -> Any:
     return None if ref is None else f"<object {type(ref).__qualname__}>"
 
 
-def row_settings(cfg: DistillConfig, data_fingerprint: str, device: torch.device) -> dict[str, Any]:
-    """Every setting that decides the rows, by its config key: equal settings, equal rows."""
+def row_settings(cfg: DistillConfig, data_fingerprint: str, device: torch.device,
+                 served: tuple[str, str] | None = None) -> dict[str, Any]:
+    """Every setting that decides the rows, by its config key: equal settings, equal rows.
+
+    ``served``: (base URL, model name) of a served teacher, recorded in place of the device
+    (the server's hardware answers, not this process's)."""
     tc, dc, gc = cfg.teacher, cfg.data, cfg.generate
     settings = {
         "teacher.name_or_path": _ident(tc.name_or_path), "teacher.revision": tc.revision,
@@ -235,6 +245,9 @@ def row_settings(cfg: DistillConfig, data_fingerprint: str, device: torch.device
         "data.messages_field": dc.messages_field, "data.text_field": dc.text_field,
         "data.chat_template": dc.chat_template,
     }
+    if served is not None:
+        del settings["device"]
+        settings["teacher.server.url"], settings["teacher.server.model"] = served
     settings.update({f"generate.{k}": v for k, v in gc.model_dump().items() if k != "output"})
     return json.loads(json.dumps(settings))  # as it reads back from disk
 
@@ -383,13 +396,20 @@ def publish(files: OutputFiles, records: list[dict], summary: dict) -> None:
 
 
 def _output_files(cfg: DistillConfig) -> OutputFiles:
-    if cfg.teacher.name_or_path is None:
-        raise ConfigError("generate needs teacher.name_or_path: the model that answers the prompts")
+    """The output's files, once the settings generate cannot start without are there and agree."""
+    if cfg.teacher.name_or_path is None and cfg.teacher.server is None:
+        raise ConfigError("generate needs teacher.name_or_path (or teacher.server): the model that answers the "
+                          "prompts")
     if cfg.generate.output is None:
         raise ConfigError("generate.output is required: a .jsonl or .parquet file for the teacher's answers")
     out = Path(os.path.expanduser(cfg.generate.output))
     if out.suffix not in (".jsonl", ".parquet"):
         raise ConfigError(f"generate.output={out}: use a .jsonl or .parquet file name")
+    gc = cfg.generate
+    if gc.temperature == 0 and gc.num_generations > 1:  # model.generate and vLLM both refuse it, later
+        raise ConfigError(f"generate.temperature=0 is greedy decoding, which gives one answer per prompt, not "
+                          f"generate.num_generations={gc.num_generations}: set generate.num_generations=1, or a "
+                          "temperature above 0 to sample")
     return OutputFiles(out)
 
 
@@ -397,7 +417,9 @@ def generate(config, *, overrides=(), progress: bool = True) -> dict[str, Any]:
     """Write the teacher's answers to ``generate.output``; returns the summary.
 
     Cheapest refusals first: the config, the data paths, the lock, the output's state (finished,
-    partial), then preflight (model paths, tokenizer, data rows); the teacher loads last."""
+    partial), then preflight (model paths, tokenizer, data rows); the teacher loads last (or the
+    server is checked). A served teacher without ``teacher.server.model`` is asked its model's
+    name before the output's state is checked: the settings record it."""
     from ..data.sources import open_source
     from ..models.preflight import preflight
 
@@ -407,7 +429,12 @@ def generate(config, *, overrides=(), progress: bool = True) -> dict[str, Any]:
     with output_lock(files):
         source = open_source(cfg.data.source, cfg=cfg.data, split=cfg.data.split)
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        settings = row_settings(cfg, source.fingerprint, device)
+        served = None
+        if cfg.teacher.server is not None:
+            from ..teachers.served_generation import served_model, server_url
+
+            served = (server_url(cfg.teacher.server), served_model(cfg.teacher.server))
+        settings = row_settings(cfg, source.fingerprint, device, served)
         summary = finished_summary(files, settings)
         if summary is not None:
             log.info("generate: %s is complete", files.out)
@@ -420,16 +447,17 @@ def generate(config, *, overrides=(), progress: bool = True) -> dict[str, Any]:
         # The output is ours to write: now the model paths, the tokenizer and the data rows, still
         # before the teacher loads. The tokenizer renders and counts the prompts.
         tok = preflight(cfg, role="generate").teacher_tokenizer
-        return _run(cfg, files, settings, source, device, tok, progress)
+        return _run(cfg, files, settings, source, device, tok, progress, served)
 
 
 @torch.no_grad()
 def _run(cfg: DistillConfig, files: OutputFiles, settings: dict, source, device: torch.device, tok,
-         progress: bool) -> dict[str, Any]:
-    """Render the prompts, continue the partial file, publish: the checks have passed."""
+         progress: bool, served: tuple[str, str] | None) -> dict[str, Any]:
+    """Render the prompts, continue the partial file, publish: the checks have passed.
+
+    ``served``: (URL, model) of a served teacher, which answers instead of a loaded one."""
     from tqdm.auto import tqdm
 
-    from ..models.teacher_model import load_teacher
     from ..teachers.capture import model_name
 
     gc, dc = cfg.generate, cfg.data
@@ -437,7 +465,7 @@ def _run(cfg: DistillConfig, files: OutputFiles, settings: dict, source, device:
     rows = source.rows()
     generation = {"num_generations": gc.num_generations, "temperature": gc.temperature, "top_p": gc.top_p,
                   "top_k": gc.top_k, "max_new_tokens": gc.max_new_tokens, "seed": gc.seed, "chat_template": use_chat}
-    name = model_name(cfg.teacher.name_or_path)
+    name = served[1] if served is not None else model_name(cfg.teacher.name_or_path)
     prompts, skipped_long, skipped_empty = [], 0, 0
     for i in range(len(rows)):
         prompt = prompt_of(rows[i], dc)
@@ -450,21 +478,30 @@ def _run(cfg: DistillConfig, files: OutputFiles, settings: dict, source, device:
             continue
         prompts.append((i, prompt, ids))
     done_lines, keep_bytes = complete_rows(files.partial, gc.batch_size * gc.num_generations)
-    open_partial(files, settings, keep_bytes)
     start = len(done_lines) // gc.num_generations
-    if start:
-        log.info("generate: continuing after %d of %d prompts", start, len(prompts))
-    if start < len(prompts):  # a run stopped while publishing needs no teacher
-        teacher, _ = load_teacher(cfg.teacher, dtype=_dtype(device), tokenizer=tok)
-        teacher.to(device)
-        teacher.eval()
-        bar = tqdm(total=len(prompts), initial=start, desc="generate", unit="prompt", disable=not progress,
-                   dynamic_ncols=True)
-        try:
+    with contextlib.ExitStack() as stack:
+        answers = None  # a run stopped while publishing needs no teacher
+        if start < len(prompts) and served is not None:  # the server's checks, before anything is written
+            from ..teachers.served_generation import ServedGeneration
+
+            server = stack.enter_context(ServedGeneration(cfg, tok, model=served[1], use_chat=use_chat))
+            answers = server.batches(prompts[start:], gc.batch_size)
+        open_partial(files, settings, keep_bytes)
+        if start:
+            log.info("generate: continuing after %d of %d prompts", start, len(prompts))
+        if start < len(prompts):
+            if answers is None:
+                from ..models.teacher_model import load_teacher
+
+                teacher, _ = load_teacher(cfg.teacher, dtype=_dtype(device), tokenizer=tok)
+                teacher.to(device)
+                teacher.eval()
+                answers = _local_batches(cfg, teacher, prompts, start, tok, device)
+            bar = stack.enter_context(contextlib.closing(tqdm(
+                total=len(prompts), initial=start, desc="generate", unit="prompt", disable=not progress,
+                dynamic_ncols=True)))
             with StopRequest() as stop:
-                _generate_batches(cfg, files, prompts, start, teacher, tok, device, generation, name, bar, stop)
-        finally:
-            bar.close()
+                _write_batches(cfg, files, prompts, start, answers, generation, name, bar, stop)
     records = [json.loads(line) for line in files.partial.read_text(encoding="utf-8").splitlines()]
     summary = {"output": str(files.out), "rows": len(records), "prompts": len(prompts), "source_rows": len(rows),
                "skipped_too_long": skipped_long, "skipped_no_prompt": skipped_empty,
@@ -476,10 +513,9 @@ def _run(cfg: DistillConfig, files: OutputFiles, settings: dict, source, device:
     return summary
 
 
-def _generate_batches(cfg: DistillConfig, files: OutputFiles, prompts: list, start: int, teacher, tok,
-                      device: torch.device, generation: dict, name: str, bar, stop: StopRequest) -> None:
-    """Generate and append the rows of prompts[start:], a batch at a time (each fsynced); stop
-    cleanly after a batch when SIGTERM or Ctrl-C asked for it."""
+def _local_batches(cfg: DistillConfig, teacher, prompts: list, start: int, tok, device: torch.device):
+    """The loaded teacher's answers to prompts[start:], a batch at a time: ``texts[r][j]`` is
+    answer j of the batch's prompt r (batched, left padded, KV-cached)."""
     gc = cfg.generate
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     for a in range(start, len(prompts), gc.batch_size):
@@ -492,17 +528,28 @@ def _generate_batches(cfg: DistillConfig, files: OutputFiles, prompts: list, sta
             attention[r, width - len(ids):] = 1
         torch.manual_seed(gc.seed * 1_000_003 + a)
         sample = gc.temperature > 0
-        generated = teacher.generate(
-            input_ids=input_ids.to(device), attention_mask=attention.to(device), do_sample=sample,
-            temperature=gc.temperature if sample else None, top_p=gc.top_p if sample else None,
-            top_k=(gc.top_k or 0) if sample else None, max_new_tokens=gc.max_new_tokens,  # 0: no top-k filter
-            num_return_sequences=gc.num_generations, pad_token_id=pad, eos_token_id=tok.eos_token_id,
-            use_cache=True)
+        with torch.no_grad():
+            generated = teacher.generate(
+                input_ids=input_ids.to(device), attention_mask=attention.to(device), do_sample=sample,
+                temperature=gc.temperature if sample else None, top_p=gc.top_p if sample else None,
+                top_k=(gc.top_k or 0) if sample else None, max_new_tokens=gc.max_new_tokens,  # 0: no top-k filter
+                num_return_sequences=gc.num_generations, pad_token_id=pad, eos_token_id=tok.eos_token_id,
+                use_cache=True)
         new = generated[:, width:].cpu()
+        n = gc.num_generations
+        yield [[tok.decode(new[r * n + j], skip_special_tokens=True) for j in range(n)] for r in range(len(batch))]
+
+
+def _write_batches(cfg: DistillConfig, files: OutputFiles, prompts: list, start: int, answers, generation: dict,
+                   name: str, bar, stop: StopRequest) -> None:
+    """Append the rows of prompts[start:], a batch of ``answers`` at a time (each fsynced); stop
+    cleanly after a batch when SIGTERM or Ctrl-C asked for it."""
+    gc = cfg.generate
+    for a, texts in zip(range(start, len(prompts), gc.batch_size), answers):
+        batch = prompts[a: a + gc.batch_size]
         lines = []
-        for r, (index, prompt, _) in enumerate(batch):
-            for j in range(gc.num_generations):
-                text = tok.decode(new[r * gc.num_generations + j], skip_special_tokens=True)
+        for (index, prompt, _), answers_of_prompt in zip(batch, texts):
+            for j, text in enumerate(answers_of_prompt):
                 lines.append(json.dumps({"prompt": prompt, "completion": text, "teacher": name,
                                          "generation": generation, "prompt_index": index, "sample": j},
                                         ensure_ascii=False))

@@ -118,6 +118,9 @@ def check_settings(cfg: DistillConfig, role: str) -> None:
             raise ConfigError("generate.output is required: a .jsonl or .parquet file for the teacher's answers")
         if Path(cfg.generate.output).suffix not in (".jsonl", ".parquet"):
             raise ConfigError(f"generate.output={cfg.generate.output}: use a .jsonl or .parquet file name")
+    if role == "distill" and cfg.student.from_teacher is not None and cfg.teacher.server is not None:
+        raise ModelError("student.from_teacher (the default student) needs the teacher's weights, which a served "
+                         "teacher keeps in its server: give student.name_or_path or student.config")
     if role == "distill" and cfg.student.from_teacher is not None and not loads_teacher(cfg, role):
         raise ModelError("student.from_teacher needs a teacher: set teacher.name_or_path")
 
