@@ -52,7 +52,7 @@ from ..stopping import StopRequest
 from . import cache_format as fmt
 from .cache_format import CacheError
 from .cached import tokenizer_sha256
-from .served import PROBES, check_tokenizer, data_probes
+from .served import check_tokenizer, require_untempered
 from .server_client import TeacherServer
 
 log = logging.getLogger("potstill")
@@ -190,11 +190,7 @@ def check_served_settings(cfg: DistillConfig) -> None:
                           "teacher's whole distribution and a server returns only its top-k log-probs: set "
                           "cache.kind=topk, or load the teacher in this process (teacher.name_or_path, no "
                           "teacher.server)")
-    if cfg.loss.logits.temperature != 1.0:
-        raise ConfigError(f"loss.logits.temperature={cfg.loss.logits.temperature} cannot be captured from {where}: "
-                          "servers return prompt log-probs before temperature and a top-k cannot be re-tempered "
-                          "exactly without the other logits: set loss.logits.temperature=1, or load the teacher in "
-                          "this process (teacher.name_or_path, no teacher.server)")
+    require_untempered(cfg.loss.logits.temperature, f"captured from {where}")
 
 
 def served_vocab(cfg: DistillConfig, tokenizer) -> int:
@@ -224,7 +220,7 @@ def served_source(cfg: DistillConfig, checked, *, progress: bool) -> Source:
     server.check(top_k=k, max_length=cfg.data.max_length, setting="cache.k")
     train_ds, _ = build_datasets(cfg.data, tok, seed=cfg.train.seed, progress=progress)
     if sc.check_tokenizer:
-        check_tokenizer(server, tok, list(PROBES) + data_probes(tok, train_ds))
+        check_tokenizer(server, tok, train_ds)
     pool = ThreadPoolExecutor(sc.max_concurrency, thread_name_prefix="potstill-capture")
     log.info("teacher: served %s at %s (top-%d, %d requests at once), no teacher model loaded", server.model,
              server.base, k, sc.max_concurrency)

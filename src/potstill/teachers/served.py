@@ -59,11 +59,13 @@ def data_probes(tokenizer, train_ds, n: int = 4, max_tokens: int = 64) -> list[s
     return texts
 
 
-def check_tokenizer(server: TeacherServer, tokenizer, texts: list[str]) -> None:
-    """Each text must tokenize to the same ids on the server as with ``tokenizer`` (special
-    tokens off, then on for the first text: a BOS the server adds and the run does not
-    shows there); else one line showing the first difference."""
+def check_tokenizer(server: TeacherServer, tokenizer, train_ds=None) -> None:
+    """:data:`PROBES` and (given ``train_ds``) snippets of the run's own data must tokenize to
+    the same ids on the server as with ``tokenizer`` (special tokens off, then on for the
+    first text: a BOS the server adds and the run does not shows there); else one line
+    showing the first difference."""
     name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+    texts = list(PROBES) + (data_probes(tokenizer, train_ds) if train_ds is not None else [])
     checks = [(t, False) for t in texts] + [(texts[0], True)]
     for text, special in checks:
         here = list(tokenizer(text, add_special_tokens=special)["input_ids"])
@@ -86,16 +88,24 @@ def connect(cfg: ServerConfig, *, tokenizer, train_ds, loss_cfg, max_length: int
     server = TeacherServer(cfg)
     if lc.weight <= 0:
         return server
-    if lc.temperature != 1.0:
-        raise ConfigError(f"loss.logits.temperature={lc.temperature} cannot be applied to {server.where}: servers "
-                          "return prompt log-probs before temperature (vLLM applies no sampling settings to "
-                          "prompt tokens) and a top-k cannot be re-tempered exactly without the other "
-                          "logits: set loss.logits.temperature=1, or load the teacher in this process")
+    require_untempered(lc.temperature, f"applied to {server.where}")
     check_sparse_loss(lc, kind="topk", where=server.where)
     server.check(top_k=cfg.top_k, max_length=max_length)
     if cfg.check_tokenizer:
-        check_tokenizer(server, tokenizer, list(PROBES) + data_probes(tokenizer, train_ds))
+        check_tokenizer(server, tokenizer, train_ds)
     return server
+
+
+def require_untempered(temperature: float, what: str) -> None:
+    """Refuse ``loss.logits.temperature`` other than 1 for a served teacher (``what``: "applied to
+    <where>", "captured from <where>"): servers return prompt log-probs before temperature, and a
+    top-k cannot be re-tempered exactly without the other logits."""
+    if temperature != 1.0:
+        raise ConfigError(f"loss.logits.temperature={temperature} cannot be {what}: servers return prompt "
+                          "log-probs before temperature (vLLM applies no sampling settings to prompt tokens) and a "
+                          "top-k cannot be re-tempered exactly without the other logits: set "
+                          "loss.logits.temperature=1, or load the teacher in this process (teacher.name_or_path, "
+                          "no teacher.server)")
 
 
 def _malloc_trim():

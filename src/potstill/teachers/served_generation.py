@@ -90,19 +90,16 @@ class ServedGeneration:
     def __enter__(self) -> "ServedGeneration":
         """Before any row: the server answers and serves the model, its context holds the longest
         prompt plus its answer, and it tokenizes like ``teacher.tokenizer``."""
-        from .served import PROBES, check_tokenizer
+        from .served import check_tokenizer
 
         self.server.resolve_model()
-        longest = self.gc.max_prompt_length + self.gc.max_new_tokens
-        if self.server.max_model_len is not None and longest > self.server.max_model_len:
-            raise ServerError(
-                f"{self.server.where} serves {self.server.model} with --max-model-len {self.server.max_model_len}, "
-                f"shorter than a prompt and its answer may be (generate.max_prompt_length "
-                f"{self.gc.max_prompt_length} + generate.max_new_tokens {self.gc.max_new_tokens} = {longest}): "
-                f"restart vLLM with --max-model-len {longest}, or lower generate.max_prompt_length or "
-                "generate.max_new_tokens")
+        gc = self.gc
+        longest = gc.max_prompt_length + gc.max_new_tokens
+        self.server.check_length(longest, f"a prompt and its answer may be (generate.max_prompt_length "
+                                          f"{gc.max_prompt_length} + generate.max_new_tokens {gc.max_new_tokens} = "
+                                          f"{longest})", "generate.max_prompt_length or generate.max_new_tokens")
         if self.check_tokenizer:
-            check_tokenizer(self.server, self.tokenizer, list(PROBES))
+            check_tokenizer(self.server, self.tokenizer)
         self._pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="potstill-generate")
         return self
 

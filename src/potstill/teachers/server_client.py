@@ -178,10 +178,8 @@ class TeacherServer:
         log-probs (``--max-logprobs``; ``setting`` is the config key that asked for them) and
         sequences of ``max_length`` tokens (``--max-model-len``)."""
         self.resolve_model()
-        if max_length is not None and self.max_model_len is not None and max_length > self.max_model_len:
-            raise ServerError(f"{self.where} serves {self.model} with --max-model-len {self.max_model_len}, shorter "
-                              f"than the run's sequences (data.max_length={max_length}): restart vLLM with "
-                              f"--max-model-len {max_length}, or lower data.max_length")
+        if max_length is not None:
+            self.check_length(max_length, f"the run's sequences (data.max_length={max_length})", "data.max_length")
         try:
             self.prompt_logprobs([0, 0], top_k)
         except Refused as err:
@@ -190,6 +188,13 @@ class TeacherServer:
                                   f"({err.message}): restart vLLM with --max-logprobs {top_k} (or more), or lower "
                                   f"{setting}") from None
             raise self.refused(err, f"a request for {top_k} prompt log-probs") from None
+
+    def check_length(self, length: int, needed_by: str, lower: str) -> None:
+        """``length`` tokens fit the served context (``--max-model-len``, known once
+        :meth:`resolve_model` ran); else one line naming what needs them and what to lower."""
+        if self.max_model_len is not None and length > self.max_model_len:
+            raise ServerError(f"{self.where} serves {self.model} with --max-model-len {self.max_model_len}, shorter "
+                              f"than {needed_by}: restart vLLM with --max-model-len {length}, or lower {lower}")
 
     def tokenize(self, text: str, *, add_special_tokens: bool) -> list[int]:
         """The server's token ids of ``text`` (vLLM's ``POST /tokenize``)."""
@@ -222,9 +227,7 @@ class TeacherServer:
             if not isinstance(entries, list) or len(entries) != len(ids) or \
                     any(not isinstance(e, dict) for e in entries[1:]):
                 got = len(entries) if isinstance(entries, list) else 0
-                missing = got != len(ids) or any(not isinstance(e, dict) for e in entries[1:])
-                raise Unanswered(f"prompt log-probs for {got} of {len(ids)} positions"
-                                 + (" (some missing)" if missing else ""))
+                raise Unanswered(f"prompt log-probs for {got} of {len(ids)} positions (some missing)")
             return entries
 
         return self.call("POST", "/v1/completions", body, parse=parse)
