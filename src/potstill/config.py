@@ -251,6 +251,17 @@ class LossConfig(_Section):
         return self.hidden.weight > 0 or self.attention.weight > 0
 
 
+class FSDPConfig(_Section):
+    """How ``train.strategy=fsdp`` shards the student and a local teacher (FSDP2, ``fully_shard``)."""
+
+    reshard_after_forward: bool = Field(True, description="free each student layer's gathered weights after its forward "
+                                                          "(gathered again for backward): less memory, more communication")
+    cpu_offload: bool = Field(False, description="keep the sharded student parameters, gradients and optimizer state in "
+                                                 "CPU memory (CUDA only; the step runs on the CPU's copy)")
+    mixed_precision: bool = Field(False, description="with train.precision=bf16: gather and compute in bf16, reduce "
+                                                     "gradients in fp32, fp32 master weights (FSDP's policy) instead of autocast")
+
+
 class TrainConfig(_Section):
     max_steps: int | None = Field(None, ge=1, le=MAX_COUNT, description="optimizer steps; default: from epochs")
     epochs: float = Field(1.0, gt=0.0, le=1e6, description="used when max_steps is not given")
@@ -274,6 +285,10 @@ class TrainConfig(_Section):
     checkpoint_every: int | None = Field(500, ge=1, le=MAX_COUNT, description="steps between checkpoints; one is always written at the end")
     keep_checkpoints: int = Field(2, ge=1, le=MAX_COUNT, description="keep only the newest K checkpoints")
     log_every: int = Field(10, ge=1, le=MAX_COUNT, description="steps between metrics.jsonl / TensorBoard records")
+    strategy: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="with several processes: ddp (each holds whole models) or fsdp (student, gradients, "
+                           "optimizer state and a local teacher sharded per layer over the processes)")
+    fsdp: FSDPConfig = Field(default_factory=FSDPConfig, description="options of train.strategy=fsdp")
 
     @model_validator(mode="after")
     def _betas_in_range(self) -> "TrainConfig":

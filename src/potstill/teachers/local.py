@@ -16,6 +16,7 @@ from torch import nn
 
 from ..data.batching import MicroBatch
 from ..features.distiller import FeatureDistiller, capture_teacher
+from ..models.heads import head_params
 from ..models.hidden import forward_hidden, supports_chunked
 from .base import Teacher
 from .signal import TeacherSignal
@@ -64,6 +65,8 @@ class LocalTeacher(Teacher):
         with self.autocast(), capture_teacher(self.features, self._model) as activations:
             if self.path == "chunked":
                 hidden = forward_hidden(self._model, self._model, ids, attn)
-                return TeacherSignal(kind="dense", hidden=hidden, head=self.head, activations=activations)
+                # The head as registered now: gathered, when FSDP shards the teacher (training/sharding.py).
+                return TeacherSignal(kind="dense", hidden=hidden, head=head_params(self._model) if self.head is not None else None,
+                                     activations=activations)
             logits = self._model(input_ids=ids, attention_mask=attn).logits
         return TeacherSignal(kind="dense", logits=logits, activations=activations)

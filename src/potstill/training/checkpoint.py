@@ -40,6 +40,7 @@ log = logging.getLogger("potstill")
 
 CHECKPOINT_DIR = "checkpoints"
 STATE_FILE = "state.json"
+SHARDED_DIR = "sharded"        # FSDP: torch.distributed.checkpoint shards of weights and optimizer state
 FILES_KEY = "files"            # state.json: {relative path: {"size": bytes, "sha256": hex}}
 DAMAGED_PREFIX = "damaged-"    # checkpoints/damaged-step-N: kept for inspection, never resumed nor pruned
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -142,19 +143,48 @@ def write_main_state(tmp: Path, *, model, tokenizer, optimizer, scheduler, state
                      extra_modules: dict[str, torch.nn.Module] | None = None) -> None:
     """The main process writes weights, optimizer, scheduler and, last, state.json.
 
-    Every process's ``rng-N.pt`` must already be in ``tmp``: state.json records the size and
-    sha256 of every file in the folder, and a checkpoint verifies only against that list."""
+    ``model`` and ``optimizer`` are None when every process already wrote its shard of them
+    (:func:`write_sharded_state`). Every process's files (``rng-N.pt``, shards) must already be
+    in ``tmp``: state.json records the size and sha256 of every file in the folder, and a
+    checkpoint verifies only against that list."""
     tmp.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(tmp / "student", safe_serialization=True)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp / "student")
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    if model is not None:
+        model.save_pretrained(tmp / "student", safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp / "student")
+    if optimizer is not None:
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     for name, module in (extra_modules or {}).items():
         torch.save(module.state_dict(), tmp / f"{name}.pt")
     files = {rel: {"size": (tmp / rel).stat().st_size, "sha256": sha256_of(tmp / rel)} for rel in checkpoint_files(tmp)}
     state = {**state, FILES_KEY: files}
     (tmp / STATE_FILE).write_text(json.dumps(state, indent=2), encoding="utf-8")
+
+
+def write_sharded_state(tmp: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Every process writes its shard of the student's weights and optimizer state (FSDP) into
+    ``tmp/sharded`` with ``torch.distributed.checkpoint`` (a collective: all processes call it;
+    the main process also writes its ``.metadata``). ``model`` holds every parameter the
+    optimizer steps (the student, and the feature projectors beside it)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(Path(tmp) / SHARDED_DIR))
+
+
+def load_sharded_state(ckpt: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Load what :func:`write_sharded_state` wrote into the sharded ``model`` and ``optimizer``
+    (a collective). The shards are resharded to this run's processes by
+    ``torch.distributed.checkpoint`` when their number changed."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optimizer": optimizer_state}
+    dcp.load(state, checkpoint_id=str(Path(ckpt) / SHARDED_DIR))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
 
 
 def checkpoint_files(folder: Path) -> list[str]:
@@ -180,6 +210,7 @@ def sha256_of(path: Path) -> str:
 
 
 _REQUIRED_FILES = ("optimizer.pt", "scheduler.pt", "rng-0.pt")
+_REQUIRED_SHARDED = ("scheduler.pt", "rng-0.pt", f"{SHARDED_DIR}/.metadata")
 
 
 def verify_checkpoint(path: Path) -> str | None:
@@ -211,7 +242,7 @@ def verify_checkpoint(path: Path) -> str | None:
                 return f"{rel} checksum differs"
         except OSError as err:
             return f"{rel} cannot be read ({err.strerror or err})"
-    return _required_problem(path)
+    return _required_problem(path, sharded=state.get("format") == "sharded")
 
 
 def _state_or_problem(path: Path) -> dict[str, Any] | str:
@@ -255,11 +286,13 @@ def _size_problem(root: Path, rel: Any, record: Any) -> str | None:
     return None
 
 
-def _required_problem(path: Path) -> str | None:
+def _required_problem(path: Path, *, sharded: bool = False) -> str | None:
     """A file every checkpoint has that is absent (a list in state.json can only vouch for what it lists)."""
-    for name in _REQUIRED_FILES:
+    for name in _REQUIRED_SHARDED if sharded else _REQUIRED_FILES:
         if not (path / name).is_file():
             return f"{name} is missing"
+    if sharded:
+        return None
     if not list((path / "student").glob("*.safetensors")):
         return "student/ has no weights (*.safetensors)"
     return None

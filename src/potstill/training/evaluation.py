@@ -48,6 +48,7 @@ def evaluate_models(
     autocast: Callable[[], Any] = contextlib.nullcontext,
     accelerator=None,
     progress: bool = False,
+    lockstep: bool = False,
 ) -> dict[str, float]:
     """Score the student (and its agreement with the teacher) on ``dataset``.
 
@@ -55,14 +56,20 @@ def evaluate_models(
     ``teacher_ppl``, ``kl`` (forward KL(teacher || student) at temperature 1, per token)
     and ``agreement`` (fraction of tokens where both models' top-1 prediction is the same);
     with an objective also ``kd`` (the configured divergence, per token). Every process
-    takes its own slice of the data; sums are reduced before dividing.
+    takes its own slice of the data; sums are reduced before dividing. ``lockstep``: every
+    process runs as many forwards as the busiest one (FSDP gathers weights with collectives);
+    the extra ones repeat a batch and are not counted.
     """
     rank = accelerator.process_index if accelerator is not None else 0
     world = accelerator.num_processes if accelerator is not None else 1
     # The cap applies to the whole evaluation, then processes share out its batches, so the
     # result is the same however many processes run it.
     batches = [list(range(i, min(i + batch_size, len(dataset)))) for i in range(0, len(dataset), batch_size)]
-    batches = batches[:max_batches][rank::world]
+    batches = batches[:max_batches]
+    mine = batches[rank::world]
+    rounds = -(-len(batches) // world) if lockstep else len(mine)
+    counted = [True] * len(mine) + [False] * (rounds - len(mine))
+    mine = mine + [batches[0]] * (rounds - len(mine))  # uncounted: only to take part in the gathers
     was_training = student.training
     student.eval()
     sums = {k: torch.zeros((), dtype=torch.float64) for k in ("ce", "n")}
@@ -70,9 +77,11 @@ def evaluate_models(
         sums.update({k: torch.zeros((), dtype=torch.float64) for k in ("teacher_ce", "kl", "agree")})
     if objective is not None and teacher is not None and objective.needs_teacher:
         sums["kd"] = torch.zeros((), dtype=torch.float64)
-    for idx in tqdm(batches, desc="eval", disable=not progress, leave=False):
+    for idx, count in tqdm(list(zip(mine, counted)), desc="eval", disable=not progress, leave=False):
         batch = collate([dataset[i] for i in idx], pad_token_id)
         batch = {k: v.to(device) for k, v in batch.items()}
+        if not count:
+            batch["labels"] = torch.full_like(batch["labels"], -100)  # every term sums to zero
         with autocast():
             s_logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         s, targets, mask = shift(s_logits, batch["labels"])

@@ -12,14 +12,15 @@ from torch import nn
 
 from ..data.batching import MicroBatch
 from ..features.distiller import FeatureDistiller, capture_student
-from ..models.heads import HeadParams
+from ..models.heads import HeadParams, head_params
 from ..models.hidden import forward_hidden
 from .objective import StudentOutput
 
 
 class StudentForward:
     """``model``: the (possibly wrapped) student to call; ``raw``: the unwrapped model (hooks,
-    head); ``head``: its head params on the chunked path, None on the plain path."""
+    head); ``head``: its head params on the chunked path (re-read after each forward), None on
+    the plain path."""
 
     def __init__(self, model: nn.Module, raw: nn.Module, head: HeadParams | None,
                  features: FeatureDistiller | None = None):
@@ -30,6 +31,8 @@ class StudentForward:
         with capture_student(self.features, self.raw) as activations:
             if self.head is not None:
                 hidden = forward_hidden(self.model, self.raw, ids, attn)
-                return StudentOutput(hidden=hidden, head=self.head, activations=activations)
+                # Read now, not kept from before: under FSDP the gathered head is registered only
+                # between the forward and the end of backward (training/sharding.py).
+                return StudentOutput(hidden=hidden, head=head_params(self.raw), activations=activations)
             logits = self.model(input_ids=ids, attention_mask=attn).logits
         return StudentOutput(logits=logits, activations=activations)

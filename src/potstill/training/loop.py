@@ -21,7 +21,6 @@ loss form applies (:meth:`potstill.training.objective.Objective.compute`).
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import time
@@ -187,13 +186,13 @@ def train_step(run: Run, batches: list[MicroBatch], step: int,
     sums = {"loss": torch.zeros(()), "tokens": torch.zeros(())}
     teacher_s = 0.0
     for m, batch in enumerate(batches):
-        sync = m == len(batches) - 1  # DDP all-reduces the gradients on the last micro-batch only
-        with contextlib.nullcontext() if sync else acc.no_sync(run.student):
+        with run.strategy.gradient_sync(run.student, sync=m == len(batches) - 1):
             started = time.perf_counter()
             signal = run.teacher.signal(batch)
             teacher_s += time.perf_counter() - started
             student_out = run.student_forward(batch)
             out = run.objective.compute(student_out, signal, batch)
+            run.strategy.release_teacher(run.teacher.model)
             if not torch.isfinite(out.weighted_sum):
                 raise DivergedError(diverged_message(step + 1, f"loss is {out.weighted_sum.item()}", last_good))
             acc.backward(step_loss(out.weighted_sum, n_valid_step, acc.num_processes))
@@ -204,7 +203,7 @@ def train_step(run: Run, batches: list[MicroBatch], step: int,
         del signal, student_out, out  # free this micro-batch's activations before the next one
     if run.features is not None:
         run.features.sync_gradients(acc)
-    grad_norm = acc.clip_grad_norm_(run.trained_parameters(), run.cfg.train.max_grad_norm or float("inf"))
+    grad_norm = run.strategy.clip_grad_norm(run.trained_parameters(), run.cfg.train.max_grad_norm or float("inf"))
     if run.precision != "fp16" and not torch.isfinite(torch.as_tensor(grad_norm)):
         raise DivergedError(diverged_message(step + 1, f"gradient norm is {float(grad_norm)}", last_good))
     run.optimizer.step()
@@ -278,28 +277,33 @@ def evaluate(run: Run, metrics: MetricsLogger, step: int) -> dict[str, float]:
         run.raw_student, run.val_ds, pad_token_id=run.tokenizer.pad_token_id,
         batch_size=cfg.eval.batch_size or cfg.train.batch_size, device=run.device, teacher=run.teacher.model,
         objective=run.objective, shared_vocab=run.shared_vocab, max_batches=cfg.eval.max_batches,
-        autocast=run.autocast, accelerator=run.accelerator)
+        autocast=run.autocast, accelerator=run.accelerator, lockstep=run.strategy.lockstep)
     metrics.log(step, {f"eval/{k}": v for k, v in result.items()})
     log.info("step %d eval: %s", step, ", ".join(f"{k} {v:.4g}" for k, v in result.items()))
     return result
 
 
 def save_checkpoint(run: Run, step: int) -> Path:
-    """Every process's RNG, then the main process's weights, optimizer, schedule and state,
-    published atomically as ``checkpoints/step-N``; older ones pruned. A full or read-only disk
-    is one line, and the partial checkpoint is removed."""
+    """Every process's RNG (and, under FSDP, its shard of the weights and optimizer state), then
+    the main process's weights, optimizer, schedule and state, published atomically as
+    ``checkpoints/step-N`` once every process has written its part; older ones pruned. A full
+    or read-only disk is one line, and the partial checkpoint is removed."""
     acc, run_dir = run.accelerator, run.run_dir
+    sharded = run.strategy.sharded_checkpoints
     tmp = ckpt.temp_checkpoint_dir(run_dir, step)
     acc.wait_for_everyone()
     with disk_errors(f"writing checkpoint step {step} to {run_dir}", cleanup=tmp,
                      advice=lambda: resume_advice(run_dir)):
         ckpt.write_process_state(tmp, acc.process_index)
-        acc.wait_for_everyone()
+        if sharded:
+            ckpt.write_sharded_state(tmp, run.state_module, run.optimizer)
+        acc.wait_for_everyone()  # complete only when every process has written its part
         final = ckpt.final_checkpoint_dir(run_dir, step)
         if run.is_main:
-            ckpt.write_main_state(tmp, model=run.raw_student, tokenizer=run.tokenizer, optimizer=run.optimizer,
-                                  scheduler=run.scheduler, state={"step": step, "max_steps": run.max_steps,
-                                                                  "config": config_to_dict(run.cfg)},
+            state = {"step": step, "max_steps": run.max_steps, "format": "sharded" if sharded else "full",
+                     "processes": acc.num_processes, "config": config_to_dict(run.cfg)}
+            ckpt.write_main_state(tmp, model=None if sharded else run.raw_student, tokenizer=run.tokenizer,
+                                  optimizer=None if sharded else run.optimizer, scheduler=run.scheduler, state=state,
                                   extra_modules=run.features.checkpoint_modules() if run.features else None)
             publish_dir(tmp, final)
             ckpt.prune_checkpoints(run_dir, run.cfg.train.keep_checkpoints)
@@ -319,11 +323,14 @@ def resume_run(run: Run, checkpoint: Path, state: dict, changes: dict) -> int:
     allowed ``changes`` of settings applied (:mod:`potstill.training.resume`); returns the step to
     continue from."""
     step = int(state["step"])
-    ckpt.load_student_weights(checkpoint, run.raw_student)
     fresh_groups = [{k: v for k, v in g.items() if k != "params"} for g in run.optimizer.param_groups]
-    # "cpu", not run.device: under torchrun on CPUs the device is cpu:<rank>, which torch.load cannot map to.
-    where = run.device if run.device.type != "cpu" else "cpu"
-    run.optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", map_location=where, weights_only=False))
+    if state.get("format") == "sharded":
+        ckpt.load_sharded_state(checkpoint, run.state_module, run.optimizer)
+    else:
+        ckpt.load_student_weights(checkpoint, run.raw_student)
+        # "cpu", not run.device: under torchrun on CPUs the device is cpu:<rank>, which torch.load cannot map to.
+        where = run.device if run.device.type != "cpu" else "cpu"
+        run.optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", map_location=where, weights_only=False))
     apply_resume_changes(changes, optimizer=run.optimizer, scheduler=run.scheduler, fresh_groups=fresh_groups,
                          saved_scheduler_state=torch.load(checkpoint / "scheduler.pt", weights_only=False), step=step)
     ckpt.load_rng(checkpoint, run.accelerator.process_index)
@@ -366,11 +373,12 @@ def finish(run: Run, metrics: MetricsLogger, train_metrics: dict[str, float], *,
         save_checkpoint(run, run.max_steps)
     train_metrics = train_metrics or last_train_record(metrics.path)
     student_dir = run.run_dir / STUDENT_DIR
+    whole = run.strategy.full_student_state(run.raw_student)  # every process: FSDP gathers the shards
     if run.is_main:
         projectors = run.features.projectors if run.features is not None and run.features.hidden_pairs else None
         with disk_errors(f"saving the student to {student_dir}", cleanup=run.run_dir / ".tmp-student",
                          advice=lambda: resume_advice(run.run_dir)):
-            student_dir = publish_student(run.run_dir, run.raw_student, run.tokenizer, projectors)
+            student_dir = publish_student(run.run_dir, run.raw_student, run.tokenizer, projectors, state_dict=whole)
             write_summary(run.run_dir, {
                 "steps": run.max_steps, "final_eval": final_eval, "train": train_metrics,
                 "student_parameters": run.n_params, "train_examples": len(run.train_ds),

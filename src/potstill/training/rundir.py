@@ -169,12 +169,13 @@ def write_run_files(cfg: DistillConfig, run_dir: Path) -> None:
     atomic_write_text(run_dir / "run_info.json", json.dumps(run_info(), indent=2))
 
 
-def publish_student(run_dir: Path, student, tokenizer, projectors=None) -> Path:
-    """Save the final student (and the feature projectors beside it), each folder atomically."""
+def publish_student(run_dir: Path, student, tokenizer, projectors=None, state_dict=None) -> Path:
+    """Save the final student (and the feature projectors beside it), each folder atomically.
+    ``state_dict``: the student's whole weights when the model holds only a shard of them (FSDP)."""
     student_dir = run_dir / STUDENT_DIR
     tmp = run_dir / ".tmp-student"
     shutil.rmtree(tmp, ignore_errors=True)
-    student.save_pretrained(tmp, safe_serialization=True)
+    student.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
     tokenizer.save_pretrained(tmp)
     publish_dir(tmp, student_dir)
     if projectors is not None:

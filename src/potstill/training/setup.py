@@ -36,6 +36,7 @@ from ..teachers import Teacher, build_teacher, connect_server
 from ..teachers.cache_format import check_manifest, read_manifest
 from .forward import StudentForward
 from .objective import Objective
+from .sharding import Strategy, make_strategy
 from .tokens import TokenSource
 
 log = logging.getLogger("potstill")
@@ -47,11 +48,12 @@ class Run:
 
     cfg: DistillConfig
     accelerator: Any
+    strategy: Strategy            # ddp or fsdp: placement, gradient sync, clipping, checkpoint format
     precision: str
     run_dir: Path
     autocast: Callable[[], contextlib.AbstractContextManager]
     student: nn.Module            # as Accelerate wrapped it (DDP); call this one
-    raw_student: nn.Module        # the model itself: hooks, head, saving
+    raw_student: nn.Module        # the model itself (sharded in place under FSDP): hooks, head, saving
     tokenizer: Any
     teacher: Teacher
     features: FeatureDistiller | None
@@ -75,6 +77,13 @@ class Run:
     def device(self) -> torch.device:
         return self.accelerator.device
 
+    @property
+    def state_module(self) -> nn.Module:
+        """Every module the optimizer steps: the student, with the feature projectors beside it."""
+        if self.features is not None and self.features.parameters():
+            return nn.ModuleDict({"student": self.raw_student, "projectors": self.features.projectors})
+        return self.raw_student
+
     def trained_parameters(self) -> list[nn.Parameter]:
         """Student and feature-projector parameters: what clipping and the optimizer see."""
         return list(self.student.parameters()) + (self.features.parameters() if self.features else [])
@@ -90,6 +99,7 @@ def build_run(cfg: DistillConfig, accelerator, precision: str, run_dir: Path, *,
     run and its resumed continuation start identically."""
     device = accelerator.device
     autocast = autocast_context(precision, device)
+    strategy = make_strategy(cfg, accelerator)
     # Data are tokenized next, before any model loads: that checks every row, so preflight need not.
     if cfg.teacher.cache is not None:  # its manifest first: a missing or damaged cache is one line
         check_manifest(Path(cfg.teacher.cache), read_manifest(Path(cfg.teacher.cache)))
@@ -111,6 +121,7 @@ def build_run(cfg: DistillConfig, accelerator, precision: str, run_dir: Path, *,
         features.to(device)
     if teacher_model is not None:
         teacher_model.to(device)
+        strategy.shard_teacher(teacher_model)
     n_params = sum(p.numel() for p in student.parameters())
     log.info("student: %s, %.2fM parameters; teacher: %s; precision %s on %s x%d",
              type(student).__name__, n_params / 1e6,
@@ -119,12 +130,12 @@ def build_run(cfg: DistillConfig, accelerator, precision: str, run_dir: Path, *,
 
     teacher = build_teacher(cfg, model=teacher_model, student=student, tokenizer=tokenizer, train_ds=train_ds,
                             features=features, server=server, autocast=autocast)
+    student = strategy.shard_student(student.to(device))
     optimizer, scheduler = build_optimizer(cfg, student, features, max_steps)
-    wrapped, optimizer = accelerator.prepare(student, optimizer)
-    raw_student = accelerator.unwrap_model(wrapped)
+    wrapped, raw_student, optimizer = strategy.prepare(student, optimizer)
     student_head = choose_loss_path(cfg.loss.path, raw_student, teacher)
     objective = Objective(cfg.loss, shared_vocab, features=features, autocast=autocast)
-    return Run(cfg=cfg, accelerator=accelerator, precision=precision, run_dir=run_dir, autocast=autocast,
+    return Run(cfg=cfg, accelerator=accelerator, strategy=strategy, precision=precision, run_dir=run_dir, autocast=autocast,
                student=wrapped, raw_student=raw_student, tokenizer=tokenizer, teacher=teacher, features=features,
                objective=objective, student_forward=StudentForward(wrapped, raw_student, student_head, features),
                train_ds=train_ds, val_ds=val_ds, batcher=batcher,

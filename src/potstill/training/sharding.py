@@ -1,0 +1,230 @@
+"""How the student and a local teacher are spread over the processes: ``train.strategy``.
+
+``ddp``   every process holds the whole student, its gradients and AdamW state, and the whole
+          teacher; Accelerate wraps the student in DistributedDataParallel, which all-reduces
+          the gradients once per optimizer step (after the last micro-batch).
+``fsdp``  PyTorch's FSDP2 (``torch.distributed.fsdp.fully_shard``): the student is sharded per
+          decoder layer and at the root (embeddings, final norm, head), so each process keeps
+          1/N of its weights, gradients and AdamW state; a layer's weights are gathered for its
+          forward (and again for its backward) and its gradient reduce-scattered back to the
+          shards. A local teacher is sharded the same way and only runs forwards, each layer
+          gathering the next one's weights ahead of time.
+
+The loop calls the same methods whichever is chosen (:class:`Strategy`); nothing else in the
+run knows which it is, except the checkpoint format (full safetensors for DDP, one shard per
+process with ``torch.distributed.checkpoint`` for FSDP: :mod:`potstill.training.checkpoint`).
+
+Why the chunked loss works unchanged under FSDP: FSDP2 does not reshard the root after its
+forward, so right after the student's forward its head weight is the gathered, full tensor
+registered on the module; the chunked loss reads it then (:func:`potstill.models.heads.head_params`
+at call time, never a reference kept from before sharding), computes the head gradient into it,
+and FSDP's end-of-backward callback reduce-scatters it back to the shards with every other root
+parameter. No ``B x T x V`` logits, no extra copy. A sharded teacher's root is resharded as soon
+as the loss has used its head (:meth:`Strategy.release_teacher`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from ..config import DistillConfig
+from ..errors import ConfigError
+
+log = logging.getLogger("potstill")
+
+
+class Strategy:
+    """DDP through Accelerate (the default). Subclasses change how models are placed, how
+    gradients are synchronized and clipped, and whether evaluation must run in lock step."""
+
+    name = "ddp"
+    #: every process must run the same number of forwards (FSDP gathers weights collectively)
+    lockstep = False
+    #: checkpoints hold one shard per process (torch.distributed.checkpoint) instead of full files
+    sharded_checkpoints = False
+
+    def __init__(self, cfg: DistillConfig, accelerator):
+        self.cfg, self.accelerator = cfg, accelerator
+
+    def shard_teacher(self, teacher: nn.Module | None) -> None:
+        """Place a local teacher model (already on the device); DDP keeps it whole."""
+
+    def prepare(self, student: nn.Module, optimizer: torch.optim.Optimizer):
+        """(the student to call, the student itself, the optimizer): DDP-wrapped by Accelerate."""
+        wrapped, optimizer = self.accelerator.prepare(student, optimizer)
+        return wrapped, self.accelerator.unwrap_model(wrapped), optimizer
+
+    def shard_student(self, student: nn.Module) -> nn.Module:
+        """The student as the optimizer must see it (sharded under FSDP), before the optimizer is built."""
+        return student
+
+    def gradient_sync(self, model: nn.Module, sync: bool):
+        """The context of one micro-batch's forward and backward: DDP all-reduces on the last one only."""
+        return contextlib.nullcontext() if sync else self.accelerator.no_sync(model)
+
+    def clip_grad_norm(self, parameters: list[nn.Parameter], max_norm: float) -> float:
+        """Clip the gradients of ``parameters`` to ``max_norm`` in total; returns the norm before clipping."""
+        return float(self.accelerator.clip_grad_norm_(parameters, max_norm))
+
+    def release_teacher(self, teacher: nn.Module | None) -> None:
+        """The loss has used the teacher's signal for this micro-batch: free what it held gathered."""
+
+    def full_student_state(self, student: nn.Module) -> dict[str, torch.Tensor] | None:
+        """The student's whole state dict on the main process, to save it as one plain folder;
+        None where the model itself holds it (DDP). Every process must call it."""
+        return None
+
+
+class FSDPStrategy(Strategy):
+    """FSDP2 over all processes (one mesh dimension); see the module docstring."""
+
+    name = "fsdp"
+    lockstep = True
+    sharded_checkpoints = True
+
+    def __init__(self, cfg: DistillConfig, accelerator):
+        super().__init__(cfg, accelerator)
+        from torch.distributed.device_mesh import init_device_mesh
+
+        device = accelerator.device
+        if not torch.distributed.is_initialized():
+            # One process: FSDP still needs a process group (of one). Gloo on CPU, NCCL on CUDA.
+            torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1,
+                                                 store=torch.distributed.HashStore())
+        self.mesh = init_device_mesh(device.type, (accelerator.num_processes,))
+        fc = cfg.train.fsdp
+        self.mixed_precision = fsdp_mixed_precision(fc.mixed_precision, cfg.train.precision, accelerator)
+        self.offload = fc.cpu_offload and device.type == "cuda"
+        if fc.cpu_offload and device.type != "cuda":
+            log.info("train.fsdp.cpu_offload has no effect here: the parameters are already in CPU memory")
+
+    def _shard(self, model: nn.Module, *, reshard_after_forward: bool, trained: bool) -> list[nn.Module]:
+        """fully_shard every decoder layer, then the root; returns the layers, in order."""
+        from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
+
+        kwargs = {"mesh": self.mesh}
+        if trained and self.mixed_precision is not None:
+            kwargs["mp_policy"] = self.mixed_precision
+        if trained and self.offload:
+            kwargs["offload_policy"] = CPUOffloadPolicy()
+        layers = decoder_layers(model)
+        for layer in layers:
+            fully_shard(layer, reshard_after_forward=reshard_after_forward, **kwargs)
+        fully_shard(model, **kwargs)
+        return layers
+
+    def shard_teacher(self, teacher: nn.Module | None) -> None:
+        if teacher is None:
+            return
+        if self.cfg.teacher.quantization != "none":
+            log.info("teacher: quantized weights are kept whole on every process (FSDP shards floating-point weights)")
+            return
+        layers = self._shard(teacher, reshard_after_forward=True, trained=False)
+        # The teacher only runs forwards: gather each next layer's weights while this one computes.
+        for layer, following in zip(layers, layers[1:]):
+            layer.set_modules_to_forward_prefetch([following])
+
+    def shard_student(self, student: nn.Module) -> nn.Module:
+        self._shard(student, reshard_after_forward=self.cfg.train.fsdp.reshard_after_forward, trained=True)
+        return student
+
+    def prepare(self, student: nn.Module, optimizer: torch.optim.Optimizer):
+        # Already sharded (shard_student); Accelerate must not wrap it in DDP too.
+        return student, student, optimizer
+
+    def gradient_sync(self, model: nn.Module, sync: bool):
+        # Reduce-scatter after every micro-batch: keeping unsharded gradients across micro-batches
+        # would hold a full copy of them, which is what FSDP is for avoiding.
+        return contextlib.nullcontext()
+
+    def clip_grad_norm(self, parameters: list[nn.Parameter], max_norm: float) -> float:
+        from torch.distributed.tensor import DTensor
+
+        grads = [p.grad for p in parameters if p.grad is not None]
+        sharded = [g for g in grads if isinstance(g, DTensor)]
+        whole = [g for g in grads if not isinstance(g, DTensor)]  # feature projectors: already averaged
+        squares = 0.0
+        if sharded:
+            norm = torch.nn.utils.get_total_norm(sharded, 2.0)
+            squares += float(norm.full_tensor() if isinstance(norm, DTensor) else norm) ** 2
+        if whole:
+            squares += float(torch.nn.utils.get_total_norm(whole, 2.0)) ** 2
+        total = math.sqrt(squares)
+        if max_norm != float("inf") and math.isfinite(total) and total > max_norm:
+            scale = max_norm / (total + 1e-6)
+            for g in grads:
+                g.mul_(scale)
+        return total
+
+    def full_student_state(self, student: nn.Module) -> dict[str, torch.Tensor] | None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        # Gathered layer by layer into CPU memory of the main process only (the others get {}).
+        return get_model_state_dict(student, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def release_teacher(self, teacher: nn.Module | None) -> None:
+        reshard = getattr(teacher, "reshard", None)
+        if callable(reshard):
+            reshard()  # the root group (embeddings, norm, head) stays gathered after a forward otherwise
+
+
+def make_strategy(cfg: DistillConfig, accelerator) -> Strategy:
+    """The strategy ``train.strategy`` names, after the checks that need the processes."""
+    if cfg.train.strategy == "ddp":
+        return Strategy(cfg, accelerator)
+    check_fsdp(cfg, accelerator)
+    return FSDPStrategy(cfg, accelerator)
+
+
+def check_fsdp(cfg: DistillConfig, accelerator) -> None:
+    """Refuse, in one line each, what FSDP here cannot do."""
+    from ..models.precision import resolve_precision
+
+    if resolve_precision(cfg.train.precision) == "fp16":
+        raise ConfigError("train.strategy=fsdp with train.precision=fp16: fp16 needs a loss scaler that sharded "
+                          "gradients do not get here; use train.precision=bf16 (or fp32)")
+    if accelerator.distributed_type.name not in ("NO", "MULTI_CPU", "MULTI_GPU", "MULTI_XPU", "MULTI_NPU"):
+        raise ConfigError(f"train.strategy=fsdp under Accelerate's {accelerator.distributed_type.name} setup: potstill "
+                          "shards with FSDP2 itself; launch with torchrun, or `accelerate launch` without an FSDP or "
+                          "DeepSpeed config (e.g. --multi_gpu --num_processes N)")
+
+
+def fsdp_mixed_precision(enabled: bool, precision: str, accelerator):
+    """FSDP2's MixedPrecisionPolicy for ``train.fsdp.mixed_precision``: gather and compute in bf16,
+    reduce gradients in fp32, fp32 master weights; None (autocast, as DDP) when off."""
+    from ..models.precision import resolve_precision
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    if not enabled:
+        return None
+    if resolve_precision(precision) != "bf16":
+        raise ConfigError(f"train.fsdp.mixed_precision needs train.precision=bf16 (it is {precision}): the policy "
+                          "computes in bf16 and keeps fp32 master weights")
+    return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The repeated blocks FSDP shards one by one: the largest ``nn.ModuleList`` of the model
+    (``model.model.layers`` for Llama, Qwen, Mistral, Gemma; ``transformer.h`` for GPT-2)."""
+    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
+    if not lists:
+        raise ConfigError(f"train.strategy=fsdp: {type(model).__name__} has no list of decoder layers to shard; "
+                          "use train.strategy=ddp")
+    return list(max(lists, key=lambda m: sum(p.numel() for p in m.parameters())))
+
+
+def local_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    """Bytes this process holds for ``tensors`` (a DTensor counts its local shard only)."""
+    from torch.distributed.tensor import DTensor
+
+    total = 0
+    for t in tensors:
+        local = t.to_local() if isinstance(t, DTensor) else t
+        total += local.numel() * local.element_size()
+    return total
