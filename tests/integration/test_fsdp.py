@@ -165,3 +165,88 @@ def test_fsdp_refusals_are_one_line(tmp_path, teacher_dir, text_jsonl):
     assert_one_line_error(fp16, "train.strategy=fsdp", "fp16", "bf16")
     mixed = _single(path, "train.fsdp.mixed_precision=true")
     assert_one_line_error(mixed, "train.fsdp.mixed_precision", "train.precision=bf16")
+
+
+def test_resume_on_another_number_of_processes(tmp_path, teacher_dir, text_jsonl):
+    """Sharded checkpoints reshard on load: 2 processes write it, 1 process (with grad_accum=2, so each
+    step sees the same examples) continues it and ends where 2 processes would have; without the
+    matching grad_accum the resume is refused in one line that says which value keeps the data."""
+    run = tmp_path / "run"
+    # A constant schedule: the first part's 3 steps are then the first 3 of the 6.
+    path = _write(tmp_path, "run", _config(run, teacher_dir, text_jsonl, strategy="fsdp", max_steps=6,
+                                           checkpoint_every=3, scheduler="constant"))
+    first = _torchrun(path, "train.max_steps=3")
+    assert first.returncode == 0, first.stderr[-3000:]
+    refused = _single(path, "train.resume=auto")
+    assert_one_line_error(refused, "on 1 processes", "written by 2 processes", "set train.grad_accum=2")
+    resumed = _single(path, "train.resume=auto", "train.grad_accum=2")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming on 1 processes" in resumed.stderr
+    straight = _torchrun(path, f"output.dir={tmp_path / 'straight'}")
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    got, want = _train_records(run), _train_records(tmp_path / "straight")
+    assert [r["step"] for r in got] == [r["step"] for r in want] == list(range(1, 7))
+    for ra, rb in zip(got, want):
+        assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-6), ra["step"]
+    a, b = _weights(run), _weights(tmp_path / "straight")
+    assert all(torch.allclose(a[k], b[k], rtol=0, atol=1e-5) for k in b)
+
+
+def _losses(run: Path) -> list[float]:
+    return [r["loss"] for r in _train_records(run)]
+
+
+@pytest.mark.parametrize("variant", ["cache", "bitnet"])
+def test_fsdp_with_a_teacher_cache_or_a_bitnet_student_equals_one_process(tmp_path, teacher_dir, text_jsonl, variant):
+    """A cached teacher's top-k (sparse loss) and a BitNet student (ternary linear layers, plain loss
+    path) under FSDP give what one process with grad_accum=2 gives."""
+    cfg = _config(tmp_path / "two", teacher_dir, text_jsonl, strategy="fsdp")
+    cfg["student"]["config"]["model_type"] = "llama"  # with a cache there is no teacher to copy it from
+    if variant == "bitnet":
+        cfg["student"]["bitnet"] = True
+    path = _write(tmp_path, "run", cfg)
+    extra: list[str] = []
+    if variant == "cache":
+        cfg["cache"] = {"dir": str(tmp_path / "cache"), "k": 8}
+        path = _write(tmp_path, "run", cfg)
+        captured = subprocess.run([sys.executable, "-m", "potstill", "cache-teacher", str(path), "--no-progress"],
+                                  env=ENV, capture_output=True, text=True, timeout=300)
+        assert captured.returncode == 0, captured.stderr[-3000:]
+        extra = [f"teacher.cache={tmp_path / 'cache'}", f"student.tokenizer={teacher_dir}"]
+    two = _torchrun(path, *extra)
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = _single(path, *extra, "train.strategy=ddp", "train.grad_accum=2", f"output.dir={tmp_path / 'one'}")
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert _losses(tmp_path / "two") == pytest.approx(_losses(tmp_path / "one"), rel=1e-6)
+    a, b = _weights(tmp_path / "two"), _weights(tmp_path / "one")
+    assert all(torch.allclose(a[k], b[k], rtol=0, atol=1e-5) for k in b)
+
+
+@pytest.mark.parametrize("option", ["train.fsdp.reshard_after_forward=false", "student.gradient_checkpointing=true"])
+def test_fsdp_memory_options_keep_the_numbers(tmp_path, teacher_dir, text_jsonl, option):
+    """Keeping gathered layers until backward, or recomputing each layer's activations in backward
+    (activation checkpointing per layer), changes memory and time, not the training."""
+    path = _write(tmp_path, "run", _config(tmp_path / "base", teacher_dir, text_jsonl, strategy="fsdp",
+                                           max_steps=3, checkpoint_every=None))
+    base = _torchrun(path)
+    assert base.returncode == 0, base.stderr[-3000:]
+    varied = _torchrun(path, option, f"output.dir={tmp_path / 'varied'}")
+    assert varied.returncode == 0, varied.stderr[-3000:]
+    assert _losses(tmp_path / "varied") == pytest.approx(_losses(tmp_path / "base"), rel=1e-6)
+
+
+def test_fsdp_bf16_mixed_precision_policy(tmp_path, teacher_dir, text_jsonl):
+    """train.fsdp.mixed_precision: weights gathered and computed in bf16, gradients reduced in fp32,
+    fp32 master weights saved. It trains (the loss falls), it is not the autocast run, and the
+    saved student is fp32."""
+    cfg = _config(tmp_path / "policy", teacher_dir, text_jsonl, strategy="fsdp", max_steps=6, precision="bf16",
+                  checkpoint_every=None)
+    path = _write(tmp_path, "run", cfg)
+    policy = _torchrun(path, "train.fsdp.mixed_precision=true")
+    assert policy.returncode == 0, policy.stderr[-3000:]
+    autocast = _torchrun(path, f"output.dir={tmp_path / 'autocast'}")
+    assert autocast.returncode == 0, autocast.stderr[-3000:]
+    a, b = _losses(tmp_path / "policy"), _losses(tmp_path / "autocast")
+    assert a[-1] < a[0]
+    assert a != b and a == pytest.approx(b, rel=0.05)
+    assert all(t.dtype == torch.float32 for t in _weights(tmp_path / "policy").values())

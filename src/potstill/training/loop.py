@@ -83,7 +83,8 @@ def train(cfg: DistillConfig, *, progress: bool = True) -> RunResult:
         saved: dict = {}
         if resume_from is not None:
             saved = ckpt.read_state(resume_from)
-            changes = check_resume_changes(saved.get("config") or {}, cfg, resume_from)  # before any model loads
+            changes = check_resume_changes(saved.get("config") or {}, cfg, resume_from,  # before any model loads
+                                           processes=(saved.get("processes"), accelerator.num_processes))
             complete = completed_run(run_dir, saved, changes)
             if complete is not None:
                 return complete
@@ -333,7 +334,12 @@ def resume_run(run: Run, checkpoint: Path, state: dict, changes: dict) -> int:
         run.optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", map_location=where, weights_only=False))
     apply_resume_changes(changes, optimizer=run.optimizer, scheduler=run.scheduler, fresh_groups=fresh_groups,
                          saved_scheduler_state=torch.load(checkpoint / "scheduler.pt", weights_only=False), step=step)
-    ckpt.load_rng(checkpoint, run.accelerator.process_index)
+    if state.get("processes", run.accelerator.num_processes) == run.accelerator.num_processes:
+        ckpt.load_rng(checkpoint, run.accelerator.process_index)
+    else:  # another number of processes (resume.check_processes): a fresh stream per process and step
+        from accelerate.utils import set_seed
+
+        set_seed(run.cfg.train.seed + 1_000_003 * step + run.accelerator.process_index)
     if run.features is not None:
         run.features.load_checkpoint(checkpoint)
     if step > run.max_steps:

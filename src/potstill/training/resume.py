@@ -107,9 +107,15 @@ def may_change(key: str) -> bool:
     return any(key == k or (k.endswith(".") and key.startswith(k)) for k in MAY_CHANGE)
 
 
-def check_resume_changes(saved: dict[str, Any], cfg: DistillConfig, checkpoint) -> dict[str, tuple[Any, Any]]:
-    """The allowed changes (logged); raises one ConfigError line naming every key that may not change."""
+def check_resume_changes(saved: dict[str, Any], cfg: DistillConfig, checkpoint,
+                         processes: tuple[int | None, int] = (None, 1)) -> dict[str, tuple[Any, Any]]:
+    """The allowed changes (logged); raises one ConfigError line naming every key that may not change.
+
+    ``processes``: (the number that wrote the checkpoint, or None when it did not record it; the
+    number now). See :func:`check_processes`."""
     changes = config_changes(saved, cfg)
+    if check_processes(saved, cfg, processes, checkpoint):
+        changes.pop("train.grad_accum", None)
     refused = {k: v for k, v in changes.items() if not may_change(k)}
     if refused:
         shown = ", ".join(f"{k} ({_short(a)} -> {_short(b)})" for k, (a, b) in refused.items())
@@ -121,6 +127,32 @@ def check_resume_changes(saved: dict[str, Any], cfg: DistillConfig, checkpoint) 
     if allowed:
         log.info("resuming with changed %s", ", ".join(f"{k} {_short(a)} -> {_short(b)}" for k, (a, b) in allowed.items()))
     return changes
+
+
+def check_processes(saved: dict[str, Any], cfg: DistillConfig, processes: tuple[int | None, int],
+                    checkpoint) -> bool:
+    """Whether the run resumes on another number of processes than wrote the checkpoint.
+
+    That is allowed when each optimizer step keeps its examples: the step batcher gives micro-batch
+    ``m`` of process ``p`` the ``(m * processes + p)``-th run of ``batch_size`` examples, so the same
+    ``processes x grad_accum`` (and batch size) means the same examples per step, in the same order.
+    Otherwise one line says which ``train.grad_accum`` keeps them."""
+    was, now = processes
+    if was is None or was == now:
+        return False
+    old_accum = int(flatten(saved).get("train.grad_accum", cfg.train.grad_accum))
+    if was * old_accum != now * cfg.train.grad_accum:
+        per_step = was * old_accum
+        advice = (f"set train.grad_accum={per_step // now}" if per_step % now == 0
+                  else f"use a number of processes that divides {per_step}")
+        raise ConfigError(
+            f"cannot resume {checkpoint} on {now} processes with train.grad_accum={cfg.train.grad_accum}: it was "
+            f"written by {was} processes with train.grad_accum={old_accum} ({per_step} micro-batches a step); "
+            f"{advice} so that each step trains on the same examples, or resume on {was} processes")
+    log.info("resuming on %d processes (the checkpoint was written by %d) with train.grad_accum %d -> %d: the same "
+             "examples each step; not bit-exact (sums are reduced in another order)", now, was, old_accum,
+             cfg.train.grad_accum)
+    return True
 
 
 def _short(value: Any) -> str:
