@@ -95,6 +95,9 @@ def test_two_fsdp_processes_equal_one_process_with_accumulation(tmp_path, teache
     assert state["format"] == "sharded" and state["processes"] == 2
     assert (ckpt / "sharded" / ".metadata").is_file() and len(list((ckpt / "sharded").glob("*.distcp"))) == 2
     assert not (ckpt / "optimizer.pt").exists()  # the optimizer state is sharded too
+    # Each process holds half of the student's weights, gradients and AdamW state, and of the teacher.
+    held = [_train_records(tmp_path / run)[-1]["model_state_mb"] for run in ("two", "one")]
+    assert 0.45 * held[1] <= held[0] <= 0.55 * held[1], held
     assert two.stdout.count("student saved to") == 1
 
 

@@ -218,7 +218,7 @@ def train_step(run: Run, batches: list[MicroBatch], step: int,
 class StepLog:
     """Per-step sums -> the progress bar, and every ``train.log_every`` steps one metrics record
     (mean loss terms per valid token, lr, grad norm, tokens/s, step time, the time spent waiting
-    for the teacher per step, peak memory)."""
+    for the teacher per step, peak memory, the main process's model state: Run.model_state_bytes)."""
 
     def __init__(self, run: Run, metrics: MetricsLogger, start_step: int, progress: bool):
         from tqdm.auto import tqdm
@@ -255,7 +255,8 @@ class StepLog:
         m = {k: v / steps_in for k, v in self.window.items()}
         m.update({"lr": self.run.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                   "tokens_per_s": tokens / elapsed, "step_time_s": elapsed / steps_in,
-                  "peak_mem_mb": peak_memory_mb(self.run.device), "epoch": self.run.batcher.epoch_of(done)})
+                  "peak_mem_mb": peak_memory_mb(self.run.device), "epoch": self.run.batcher.epoch_of(done),
+                  "model_state_mb": self.run.model_state_bytes() / 2**20})
         self.metrics.log(done, m)
         self.bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{m['tokens_per_s']:.0f}")
         self.train_metrics, self.window, self.window_start = m, {}, time.perf_counter()

@@ -35,7 +35,7 @@ MAY_CHANGE: tuple[str, ...] = (
     # the logit and CE terms carry no state; the loss path computes the same values
     "loss.logits.", "loss.ce.", "loss.path", "loss.chunk_size", "loss.memory_budget_mb",
     # memory only
-    "student.gradient_checkpointing", "data.cache_dir",
+    "student.gradient_checkpointing", "data.cache_dir", "train.fsdp.reshard_after_forward", "train.fsdp.cpu_offload",
     # where and how patiently a served teacher is reached (the model and its top_k decide the targets)
     "teacher.server.url", "teacher.server.timeout_s", "teacher.server.retries", "teacher.server.backoff_s",
     "teacher.server.max_concurrency", "teacher.server.lookahead", "teacher.server.api_key_env",

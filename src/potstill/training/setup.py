@@ -36,7 +36,7 @@ from ..teachers import Teacher, build_teacher, connect_server
 from ..teachers.cache_format import check_manifest, read_manifest
 from .forward import StudentForward
 from .objective import Objective
-from .sharding import Strategy, make_strategy
+from .sharding import Strategy, local_bytes, make_strategy
 from .tokens import TokenSource
 
 log = logging.getLogger("potstill")
@@ -84,6 +84,17 @@ class Run:
             return nn.ModuleDict({"student": self.raw_student, "projectors": self.features.projectors})
         return self.raw_student
 
+    def model_state_bytes(self) -> int:
+        """Bytes this process holds for the student's parameters, their gradients (counted at the
+        parameters' size: they exist from backward to the optimizer step) and optimizer state,
+        and the teacher's weights; a shard's local part under FSDP. Activations and buffers of
+        the loss are not included."""
+        student = [p for p in self.trained_parameters()]
+        state = [t for s in self.optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
+        teacher = self.teacher.model
+        held = [*teacher.parameters(), *teacher.buffers()] if teacher is not None else []
+        return 2 * local_bytes(student) + local_bytes(state) + local_bytes(held)
+
     def trained_parameters(self) -> list[nn.Parameter]:
         """Student and feature-projector parameters: what clipping and the optimizer see."""
         return list(self.student.parameters()) + (self.features.parameters() if self.features else [])
@@ -119,9 +130,7 @@ def build_run(cfg: DistillConfig, accelerator, precision: str, run_dir: Path, *,
     features = FeatureDistiller.build(cfg.loss, teacher_model, student, seed=cfg.train.seed)
     if features is not None:
         features.to(device)
-    if teacher_model is not None:
-        teacher_model.to(device)
-        strategy.shard_teacher(teacher_model)
+    strategy.place_teacher(teacher_model)  # sharded under FSDP
     n_params = sum(p.numel() for p in student.parameters())
     log.info("student: %s, %.2fM parameters; teacher: %s; precision %s on %s x%d",
              type(student).__name__, n_params / 1e6,
@@ -130,7 +139,7 @@ def build_run(cfg: DistillConfig, accelerator, precision: str, run_dir: Path, *,
 
     teacher = build_teacher(cfg, model=teacher_model, student=student, tokenizer=tokenizer, train_ds=train_ds,
                             features=features, server=server, autocast=autocast)
-    student = strategy.shard_student(student.to(device))
+    student = strategy.place_student(student)
     optimizer, scheduler = build_optimizer(cfg, student, features, max_steps)
     wrapped, raw_student, optimizer = strategy.prepare(student, optimizer)
     student_head = choose_loss_path(cfg.loss.path, raw_student, teacher)

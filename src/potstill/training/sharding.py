@@ -52,17 +52,19 @@ class Strategy:
     def __init__(self, cfg: DistillConfig, accelerator):
         self.cfg, self.accelerator = cfg, accelerator
 
-    def shard_teacher(self, teacher: nn.Module | None) -> None:
-        """Place a local teacher model (already on the device); DDP keeps it whole."""
+    def place_teacher(self, teacher: nn.Module | None) -> None:
+        """Put a local teacher model on the device; DDP keeps it whole."""
+        if teacher is not None:
+            teacher.to(self.accelerator.device)
 
     def prepare(self, student: nn.Module, optimizer: torch.optim.Optimizer):
         """(the student to call, the student itself, the optimizer): DDP-wrapped by Accelerate."""
         wrapped, optimizer = self.accelerator.prepare(student, optimizer)
         return wrapped, self.accelerator.unwrap_model(wrapped), optimizer
 
-    def shard_student(self, student: nn.Module) -> nn.Module:
-        """The student as the optimizer must see it (sharded under FSDP), before the optimizer is built."""
-        return student
+    def place_student(self, student: nn.Module) -> nn.Module:
+        """The student on the device, as the optimizer must see it (sharded under FSDP)."""
+        return student.to(self.accelerator.device)
 
     def gradient_sync(self, model: nn.Module, sync: bool):
         """The context of one micro-batch's forward and backward: DDP all-reduces on the last one only."""
@@ -119,23 +121,26 @@ class FSDPStrategy(Strategy):
         fully_shard(model, **kwargs)
         return layers
 
-    def shard_teacher(self, teacher: nn.Module | None) -> None:
+    # fully_shard moves each unit's weights to the device as it shards them, one decoder layer at a
+    # time: the device never holds a whole model (models load on the CPU).
+    def place_teacher(self, teacher: nn.Module | None) -> None:
         if teacher is None:
             return
         if self.cfg.teacher.quantization != "none":
             log.info("teacher: quantized weights are kept whole on every process (FSDP shards floating-point weights)")
+            teacher.to(self.accelerator.device)
             return
         layers = self._shard(teacher, reshard_after_forward=True, trained=False)
         # The teacher only runs forwards: gather each next layer's weights while this one computes.
         for layer, following in zip(layers, layers[1:]):
             layer.set_modules_to_forward_prefetch([following])
 
-    def shard_student(self, student: nn.Module) -> nn.Module:
+    def place_student(self, student: nn.Module) -> nn.Module:
         self._shard(student, reshard_after_forward=self.cfg.train.fsdp.reshard_after_forward, trained=True)
         return student
 
     def prepare(self, student: nn.Module, optimizer: torch.optim.Optimizer):
-        # Already sharded (shard_student); Accelerate must not wrap it in DDP too.
+        # Already sharded (place_student); Accelerate must not wrap it in DDP too.
         return student, student, optimizer
 
     def gradient_sync(self, model: nn.Module, sync: bool):
