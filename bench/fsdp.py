@@ -10,8 +10,9 @@ then held in bf16).
 | run | what |
 | --- | --- |
 | ``ddp``            | ``train.strategy=ddp``: every process holds both models, all-reduces gradients |
-| ``fsdp``           | ``train.strategy=fsdp``: student (and its gradients and AdamW state) and teacher sharded per layer |
-| ``fsdp_noreshard`` | the same with ``train.fsdp.reshard_after_forward=false`` (student layers stay gathered until backward) |
+| ``fsdp``           | ``train.strategy=fsdp``: student (and its gradients and AdamW state) and teacher sharded per layer; bf16 by FSDP's mixed-precision policy (``train.fsdp.mixed_precision=auto``) |
+| ``fsdp_autocast``  | the same with ``train.fsdp.mixed_precision=false``: autocast, as DDP computes |
+| ``fsdp_noreshard`` | ``fsdp`` with ``train.fsdp.reshard_after_forward=false`` (student layers stay gathered until backward) |
 
 Each run is ``torchrun --nproc_per_node 2 -m potstill distill`` with ``OMP_NUM_THREADS=1``
 (one core each). Measured, from the main process's ``metrics.jsonl``: ``model_state_mb`` (the
@@ -135,17 +136,18 @@ def train_records(run: Path) -> list[dict]:
             if '"loss"' in line]
 
 
-def communication_mb(counts: dict, strategy: str, reshard: bool, teacher_bytes: float) -> float:
+def communication_mb(counts: dict, strategy: str, reshard: bool, teacher_bytes: float, gather_bytes: float) -> float:
     """Bytes each of 2 processes sends per optimizer step (one micro-batch), in MB: ring collectives
-    send (N-1)/N of the buffer (all-gather, reduce-scatter) or twice that (all-reduce)."""
-    n, share = 2, 0.5
-    student = counts["student"]["total"] * 4  # fp32 weights and gradients
+    over 2 processes send half the buffer (all-gather, reduce-scatter) or all of it (all-reduce).
+    ``gather_bytes``: bytes per student parameter gathered (4: fp32; 2: the bf16 policy)."""
+    share = 0.5
+    grads = counts["student"]["total"] * 4  # fp32 gradients
     if strategy == "ddp":
-        return 2 * share * student / 1e6
-    layers = counts["student"]["layer"] * counts["student"]["layers"] * 4
-    gathers = student + (layers if reshard else 0)  # forward, and the layers again in backward
+        return 2 * share * grads / 1e6
+    layers = counts["student"]["layer"] * counts["student"]["layers"] * gather_bytes
+    gathers = counts["student"]["total"] * gather_bytes + (layers if reshard else 0)  # forward; layers again in backward
     teacher = counts["teacher"]["total"] * teacher_bytes
-    return share * (gathers + student + teacher) / 1e6 if n == 2 else 0.0
+    return share * (gathers + grads + teacher) / 1e6
 
 
 def main() -> int:
@@ -182,6 +184,7 @@ def main() -> int:
         "output": {"tensorboard": False},
     }
     runs = {"ddp": {"strategy": "ddp"}, "fsdp": {"strategy": "fsdp"},
+            "fsdp_autocast": {"strategy": "fsdp", "fsdp": {"mixed_precision": False}},
             "fsdp_noreshard": {"strategy": "fsdp", "fsdp": {"reshard_after_forward": False}}}
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     results = {}
@@ -205,8 +208,10 @@ def main() -> int:
         print(f"{name}: {results[name]}", flush=True)
     teacher_bytes = 2.0 if "bf16" in (out / "ddp.log").read_text() else 4.0
     for name, train in runs.items():
+        options = train.get("fsdp", {})
+        policy = teacher_bytes == 2.0 and options.get("mixed_precision", "auto") == "auto"
         results[name]["communication_mb_per_step"] = communication_mb(
-            counts, train["strategy"], train.get("fsdp", {}).get("reshard_after_forward", True), teacher_bytes)
+            counts, train["strategy"], options.get("reshard_after_forward", True), teacher_bytes, 2.0 if policy else 4.0)
     ddp, fsdp = results["ddp"], results["fsdp"]
     ratios = {"model_state": fsdp["model_state_mb"] / ddp["model_state_mb"],
               "peak_rss": fsdp["peak_mem_mb"] / ddp["peak_mem_mb"],

