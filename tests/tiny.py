@@ -107,11 +107,11 @@ def run_cli(*args, check: bool = True) -> subprocess.CompletedProcess:
     return proc
 
 
-def run_torchrun_distill(config_path, nproc: int = 2) -> subprocess.CompletedProcess:
-    """``torchrun --nproc_per_node N -m potstill distill CONFIG`` on CPU (gloo), one thread per process."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+def run_torchrun_distill(config_path, *overrides: str, nproc: int = 2) -> subprocess.CompletedProcess:
+    """``torchrun --nproc_per_node N -m potstill distill CONFIG [OVERRIDES]`` on CPU (gloo), one thread per process."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     return subprocess.run(["torchrun", "--nproc_per_node", str(nproc), "-m", "potstill", "distill", str(config_path),
-                           "--no-progress"], env=env, capture_output=True, text=True, timeout=300)
+                           *overrides, "--no-progress"], env=env, capture_output=True, text=True, timeout=400)
 
 
 # A tiny llama student for run tests: built from config, so a run needs no student folder.

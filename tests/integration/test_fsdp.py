@@ -22,7 +22,7 @@ import yaml
 from safetensors.torch import load_file
 
 from potstill.training.metrics import read_metrics
-from tiny import assert_one_line_error, run_config
+from tiny import assert_one_line_error, run_config, run_torchrun_distill
 
 pytestmark = pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not on PATH")
 
@@ -35,9 +35,8 @@ def _write(tmp_path: Path, name: str, cfg: dict) -> Path:
     return path
 
 
-def _torchrun(cfg_path: Path, *overrides: str, nproc: int = 2) -> subprocess.CompletedProcess:
-    return subprocess.run(["torchrun", "--nproc_per_node", str(nproc), "-m", "potstill", "distill", str(cfg_path),
-                           *overrides, "--no-progress"], env=ENV, capture_output=True, text=True, timeout=400)
+def _torchrun(cfg_path: Path, *overrides: str) -> subprocess.CompletedProcess:
+    return run_torchrun_distill(cfg_path, *overrides)
 
 
 def _single(cfg_path: Path, *overrides: str) -> subprocess.CompletedProcess:
@@ -61,15 +60,17 @@ def _config(out: Path, teacher_dir: Path, data: Path, **train) -> dict:
     return cfg
 
 
-@pytest.mark.parametrize("variant", ["chunked", "features"])
+@pytest.mark.parametrize("variant", ["chunked", "features", "accumulation"])
 def test_two_fsdp_processes_equal_one_process_with_accumulation(tmp_path, teacher_dir, text_jsonl, variant):
     cfg = _config(tmp_path / "two", teacher_dir, text_jsonl, strategy="fsdp")
     if variant == "features":  # a hidden-state term: its projector trains beside the sharded student
         cfg["loss"] = {"ce": {"weight": 0.2}, "hidden": {"weight": 0.5}}
+    accum = 2 if variant == "accumulation" else 1  # FSDP reduce-scatters after every micro-batch
+    cfg["train"]["grad_accum"] = accum
     path = _write(tmp_path, "run", cfg)
     two = _torchrun(path)
     assert two.returncode == 0, two.stderr[-3000:]
-    one = _single(path, "train.strategy=ddp", "train.grad_accum=2", f"output.dir={tmp_path / 'one'}")
+    one = _single(path, "train.strategy=ddp", f"train.grad_accum={2 * accum}", f"output.dir={tmp_path / 'one'}")
     assert one.returncode == 0, one.stderr[-3000:]
 
     a, b = read_metrics(tmp_path / "two" / "metrics.jsonl"), read_metrics(tmp_path / "one" / "metrics.jsonl")
@@ -199,14 +200,17 @@ def _losses(run: Path) -> list[float]:
     return [r["loss"] for r in _train_records(run)]
 
 
-@pytest.mark.parametrize("variant", ["cache", "bitnet"])
+@pytest.mark.parametrize("variant", ["cache", "bitnet", "int8"])
 def test_fsdp_with_a_teacher_cache_or_a_bitnet_student_equals_one_process(tmp_path, teacher_dir, text_jsonl, variant):
-    """A cached teacher's top-k (sparse loss) and a BitNet student (ternary linear layers, plain loss
-    path) under FSDP give what one process with grad_accum=2 gives."""
+    """A cached teacher's top-k (sparse loss), a BitNet student (ternary linear layers, plain loss
+    path) and an int8 teacher (kept whole on every process) under FSDP give what one process with
+    grad_accum=2 gives."""
     cfg = _config(tmp_path / "two", teacher_dir, text_jsonl, strategy="fsdp")
     cfg["student"]["config"]["model_type"] = "llama"  # with a cache there is no teacher to copy it from
     if variant == "bitnet":
         cfg["student"]["bitnet"] = True
+    if variant == "int8":
+        cfg["teacher"]["quantization"] = "int8"
     path = _write(tmp_path, "run", cfg)
     extra: list[str] = []
     if variant == "cache":
@@ -253,3 +257,22 @@ def test_fsdp_bf16_mixed_precision_policy(tmp_path, teacher_dir, text_jsonl):
     assert a[-1] < a[0]
     assert a != b and a == pytest.approx(b, rel=0.05)
     assert all(t.dtype == torch.float32 for t in _weights(tmp_path / "policy").values())
+
+
+@pytest.mark.skipif(shutil.which("accelerate") is None, reason="accelerate's launcher not on PATH")
+def test_accelerate_launch(tmp_path, teacher_dir, text_jsonl):
+    """`accelerate launch` starts FSDP runs as torchrun does; with Accelerate's own FSDP config the run
+    is refused in one line (potstill applies FSDP2 itself)."""
+    path = _write(tmp_path, "run", _config(tmp_path / "run", teacher_dir, text_jsonl, strategy="fsdp", max_steps=2))
+    launch = ["accelerate", "launch", "--cpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+              "--dynamo_backend", "no"]
+    ok = subprocess.run([*launch, "-m", "potstill", "distill", str(path), "--no-progress"], env=ENV,
+                        capture_output=True, text=True, timeout=400)
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    state = json.loads((tmp_path / "run" / "checkpoints" / "step-000002" / "state.json").read_text())
+    assert state["format"] == "sharded" and state["processes"] == 2
+    refused = subprocess.run([*launch, "--use_fsdp", "--fsdp_version", "2", "-m", "potstill", "distill", str(path),
+                              f"output.dir={tmp_path / 'refused'}", "--no-progress"], env=ENV,
+                             capture_output=True, text=True, timeout=400)
+    assert refused.returncode != 0
+    assert "potstill shards with FSDP2 itself" in refused.stderr, refused.stderr[-3000:]

@@ -5,6 +5,7 @@ each way the server and the run can disagree."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,7 +23,7 @@ from potstill.data.batching import MicroBatch
 from potstill.errors import ConfigError, ServerError
 from potstill.training.metrics import read_metrics
 from tcp_proxy import Proxy
-from tiny import assert_one_line_error, run_config, synthetic_sentences, write_jsonl
+from tiny import assert_one_line_error, run_config, run_torchrun_distill, synthetic_sentences, write_jsonl
 
 STUDENT = {"model_type": "llama", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
            "intermediate_size": 64}
@@ -221,20 +222,26 @@ def test_prefix_caching_does_not_drop_prompt_log_probs(vllm):
         assert (first[key] == second[key]).all()
 
 
-@pytest.mark.skipif(__import__("shutil").which("torchrun") is None, reason="torchrun not on PATH")
-def test_two_processes_on_one_server_equal_one_process_with_accumulation(tmp_path, vllm, demo_teacher, demo_text):
-    """Each rank asks the server for its own micro-batches; the run is the one-process run with grad_accum=2."""
-    from tiny import run_torchrun_distill
-
-    cfg = served_config(tmp_path / "two", demo_text, vllm.url, vllm.name, demo_teacher, max_steps=4)
+@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not on PATH")
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_processes_on_one_server_equal_one_process_with_accumulation(tmp_path, vllm, demo_teacher, demo_text,
+                                                                        strategy):
+    """Each rank asks the server for its own micro-batches (with whole students, or sharded ones under
+    FSDP); the run is the one-process run with grad_accum=2."""
+    cfg = served_config(tmp_path / "two", demo_text, vllm.url, vllm.name, demo_teacher, max_steps=4,
+                        strategy=strategy)
     cfg["data"]["packing"] = False  # micro-batches with different numbers of valid tokens
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(cfg))
     two = run_torchrun_distill(path)
     assert two.returncode == 0, two.stderr[-3000:]
-    one = cli(cfg, path, "train.grad_accum=2", f"output.dir={tmp_path / 'one'}")
+    one = cli(cfg, path, "train.strategy=ddp", "train.grad_accum=2", f"output.dir={tmp_path / 'one'}")
     assert one.returncode == 0, one.stderr[-3000:]
     a, b = losses(tmp_path / "two"), losses(tmp_path / "one")
     assert [s for s, _ in a] == [s for s, _ in b] == [1, 2, 3, 4]
     for (_, la), (_, lb) in zip(a, b):
         assert la == pytest.approx(lb, rel=1e-5)
+    if strategy == "fsdp":
+        wa, wb = weights(tmp_path / "two"), weights(tmp_path / "one")
+        assert all(torch.allclose(wa[k], wb[k], rtol=0, atol=1e-5) for k in wb)
+

@@ -110,3 +110,29 @@ def test_gradient_checkpointing_saves_fewer_activations(teacher_dir):
         grads[flag] = student.model.layers[0].mlp.up_proj.weight.grad.clone()
     assert saved[True] < 0.5 * saved[False], saved
     torch.testing.assert_close(grads[True], grads[False])
+
+
+@pytest.mark.parametrize("student", [{"from_teacher": {"every": 2}}, {"config": {"hidden_size": 32,
+                                     "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64}},
+                                     "folder"])
+def test_meta_loading_builds_models_without_weights(teacher_dir, student_dir, student):
+    """The non-main processes of an FSDP run build teacher and student on the meta device (no weights
+    read, none initialized; their shards come from the main process) with the same structure."""
+    student_cfg = StudentConfig(name_or_path=str(student_dir)) if student == "folder" else StudentConfig(**student)
+    teacher, teacher_tok = load_teacher(TeacherConfig(name_or_path=str(teacher_dir)), dtype=torch.bfloat16, meta=True)
+    model, _ = load_student(student_cfg, teacher=teacher, teacher_tokenizer=teacher_tok, meta=True)
+    real_teacher, _ = load_teacher(TeacherConfig(name_or_path=str(teacher_dir)), dtype=torch.bfloat16)
+    real, _ = load_student(student_cfg, teacher=real_teacher, teacher_tokenizer=teacher_tok)
+    for empty, full in ((teacher, real_teacher), (model, real)):
+        assert all(t.is_meta for t in [*empty.parameters(), *empty.buffers()])
+        assert {k: (v.shape, v.dtype) for k, v in empty.state_dict().items()} == \
+            {k: (v.shape, v.dtype) for k, v in full.state_dict().items()}
+    assert not any(p.requires_grad for p in teacher.parameters())
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_meta_loading_leaves_a_bitnet_student_real(teacher_dir):
+    teacher, tok = load_teacher(TeacherConfig(name_or_path=str(teacher_dir)), dtype=torch.float32)
+    model, _ = load_student(StudentConfig(from_teacher={"every": 2}, bitnet=True), teacher=teacher,
+                            teacher_tokenizer=tok, meta=True)
+    assert not any(p.is_meta for p in model.parameters())

@@ -65,8 +65,12 @@ def load_tokenizer(ref: Any, *, revision: str | None = None, trust_remote_code: 
 
 
 def load_causal_lm(ref: Any, *, revision: str | None, dtype: torch.dtype | None, trust_remote_code: bool,
-                   role: str) -> nn.Module:
-    """A causal LM from a hub id / local folder, or an ``nn.Module`` passed in."""
+                   role: str, meta: bool = False) -> nn.Module:
+    """A causal LM from a hub id / local folder, or an ``nn.Module`` passed in.
+
+    ``meta``: build it from its config on the meta device, reading no weights (a process of a
+    sharded run whose shards come from the main process: training/sharding.py). Packed BitNet
+    exports and objects load as usual."""
     if not isinstance(ref, str):
         if not isinstance(ref, nn.Module):
             raise ModelError(f"{setting(role, 'name_or_path')} must be a hub id, a local folder or an nn.Module, "
@@ -84,6 +88,13 @@ def load_causal_lm(ref: Any, *, revision: str | None, dtype: torch.dtype | None,
         raise ModelError(missing_folder(ref, role))
     if is_packed_folder(ref):  # `potstill export --bitnet` output
         return load_packed(ref, dtype=dtype)
+    if meta:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(ref, revision=revision, trust_remote_code=trust_remote_code)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+        return reapply_marker(model)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             ref, revision=revision, dtype=dtype, trust_remote_code=trust_remote_code)

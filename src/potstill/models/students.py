@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import difflib
@@ -28,23 +29,27 @@ log = logging.getLogger("potstill")
 
 
 def load_student(cfg: StudentConfig, *, teacher: nn.Module | None, teacher_tokenizer,
-                 tokenizer: Any = None) -> tuple[nn.Module, Any]:
+                 tokenizer: Any = None, meta: bool = False) -> tuple[nn.Module, Any]:
     """(trainable student in float32, tokenizer) from a path/object, a config, or the teacher's layers.
 
     ``tokenizer``: the student's tokenizer, already loaded (by :func:`~.preflight.preflight`);
-    else it is loaded here from ``student.tokenizer``, the student's folder, or the teacher's."""
+    else it is loaded here from ``student.tokenizer``, the student's folder, or the teacher's.
+    ``meta``: built on the meta device, no weights read or initialized (its shards come from the
+    main process: training/sharding.py); a BitNet student is always built for real."""
+    meta = meta and not cfg.bitnet
     if cfg.name_or_path is not None:
         model = load_causal_lm(cfg.name_or_path, revision=cfg.revision, dtype=torch.float32,
-                               trust_remote_code=cfg.trust_remote_code, role="student")
+                               trust_remote_code=cfg.trust_remote_code, role="student", meta=meta)
         tok_ref = student_tokenizer_ref(cfg)
     elif cfg.from_teacher is not None:
         if teacher is None:
             raise ModelError("student.from_teacher needs a teacher: set teacher.name_or_path")
         layers = select_layers(num_layers(teacher), cfg.from_teacher.layers, cfg.from_teacher.every)
-        model = student_from_teacher(teacher, layers)
+        model = student_from_teacher(teacher, layers, meta=meta)
         tok_ref = cfg.tokenizer
     else:
-        model = student_from_config(cfg.config or {}, teacher=teacher, tokenizer=teacher_tokenizer)
+        with torch.device("meta") if meta else contextlib.nullcontext():
+            model = student_from_config(cfg.config or {}, teacher=teacher, tokenizer=teacher_tokenizer)
         tok_ref = cfg.tokenizer
     if tokenizer is None:
         tokenizer = student_tokenizer(cfg, tok_ref, teacher_tokenizer)
@@ -97,16 +102,20 @@ def select_layers(total: int, layers: list[int] | None, every: int | None) -> li
     return list(layers)
 
 
-def student_from_teacher(teacher: nn.Module, layers: list[int]) -> nn.Module:
+def student_from_teacher(teacher: nn.Module, layers: list[int], *, meta: bool = False) -> nn.Module:
     """A copy of the teacher with only ``layers`` kept (in that order), weights copied.
 
     Embeddings, final norm and output head are copied whole. Per-layer config lists
-    (``layer_types`` for sliding-window models) are cut to match.
+    (``layer_types`` for sliding-window models) are cut to match. ``meta``: the structure only,
+    on the meta device (no weights copied).
     """
     config = copy.deepcopy(teacher.config)
     config.num_hidden_layers = len(layers)
     if isinstance(getattr(config, "layer_types", None), list):
         config.layer_types = [config.layer_types[i] for i in layers]
+    if meta:
+        with torch.device("meta"):
+            return type(teacher)(config)
     student = type(teacher)(config)
     prefix, _ = decoder_layers(teacher)
     teacher_state = dequantized_state_dict(teacher)  # an int4 (CPU) teacher's layers give float weights

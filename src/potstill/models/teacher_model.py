@@ -19,16 +19,17 @@ def teacher_dtype(setting: str, compute: torch.dtype | None) -> torch.dtype:
     return DTYPES[setting]
 
 
-def load_teacher(cfg: TeacherConfig, *, dtype: torch.dtype | None, tokenizer: Any = None):
+def load_teacher(cfg: TeacherConfig, *, dtype: torch.dtype | None, tokenizer: Any = None, meta: bool = False):
     """(frozen teacher model, tokenizer). The tokenizer defaults to the model's own; ``tokenizer``
-    is one already loaded (by :func:`~.preflight.preflight`), so it is not loaded twice."""
+    is one already loaded (by :func:`~.preflight.preflight`), so it is not loaded twice. ``meta``:
+    see :func:`~.loading.load_causal_lm` (a quantized teacher always loads its weights)."""
     if cfg.quantization != "none":
         from .quantize import load_quantized_teacher
 
         model = load_quantized_teacher(cfg, dtype=dtype)
     else:
         model = load_causal_lm(cfg.name_or_path, revision=cfg.revision, dtype=dtype,
-                               trust_remote_code=cfg.trust_remote_code, role="teacher")
+                               trust_remote_code=cfg.trust_remote_code, role="teacher", meta=meta)
     if dtype is not None and not isinstance(cfg.name_or_path, str) and cfg.quantization == "none":
         model = model.to(dtype)
     if tokenizer is None:

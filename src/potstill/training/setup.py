@@ -126,7 +126,7 @@ def build_run(cfg: DistillConfig, accelerator, precision: str, run_dir: Path, *,
         warn_about_datasets(train_ds, val_ds, epochs=batcher.epoch_of(max_steps))
 
     server = connect_server(cfg, tokenizer=checked.tokenizer, train_ds=train_ds)  # a served teacher: checked first
-    teacher_model, student, tokenizer, shared_vocab = load_models(cfg, precision, checked)
+    teacher_model, student, tokenizer, shared_vocab = load_models(cfg, precision, checked, meta=strategy.meta_init)
     features = FeatureDistiller.build(cfg.loss, teacher_model, student, seed=cfg.train.seed)
     if features is not None:
         features.to(device)
@@ -152,21 +152,22 @@ def build_run(cfg: DistillConfig, accelerator, precision: str, run_dir: Path, *,
                optimizer=optimizer, scheduler=scheduler, shared_vocab=shared_vocab, n_params=n_params)
 
 
-def load_models(cfg: DistillConfig, precision: str, checked: Preflight | None = None
+def load_models(cfg: DistillConfig, precision: str, checked: Preflight | None = None, *, meta: bool = False
                 ) -> tuple[nn.Module | None, nn.Module, Any, int | None]:
     """(frozen teacher model or None, trainable student, tokenizer, shared vocabulary or None).
 
     ``checked``: what :func:`~potstill.models.preflight.preflight` loaded (the tokenizers); run
     here when not given. A teacher cache replaces the teacher model. A teacher whose vocabulary
     differs from the student's is refused where a logit or feature term needs it, else dropped
-    (no evaluation against it)."""
+    (no evaluation against it). ``meta``: models built on the meta device where they can be, no
+    weights read (their shards come from the main process: :mod:`.sharding`)."""
     checked = checked or preflight(cfg, role="distill", check_data=False)
     teacher, teacher_tok = None, None
     if cfg.teacher.name_or_path is not None and cfg.teacher.cache is None and cfg.teacher.server is None:
         dtype = teacher_dtype(cfg.teacher.dtype, compute_dtype(precision))
-        teacher, teacher_tok = load_teacher(cfg.teacher, dtype=dtype, tokenizer=checked.teacher_tokenizer)
+        teacher, teacher_tok = load_teacher(cfg.teacher, dtype=dtype, tokenizer=checked.teacher_tokenizer, meta=meta)
     student, tokenizer = load_student(cfg.student, teacher=teacher, teacher_tokenizer=teacher_tok,
-                                      tokenizer=checked.tokenizer)
+                                      tokenizer=checked.tokenizer, meta=meta)
     shared_vocab = None
     if teacher is not None:
         try:

@@ -48,6 +48,8 @@ class Strategy:
     lockstep = False
     #: checkpoints hold one shard per process (torch.distributed.checkpoint) instead of full files
     sharded_checkpoints = False
+    #: this process builds its models on the meta device and receives its shards from the main one
+    meta_init = False
 
     def __init__(self, cfg: DistillConfig, accelerator):
         self.cfg, self.accelerator = cfg, accelerator
@@ -100,6 +102,10 @@ class FSDPStrategy(Strategy):
             torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1,
                                                  store=torch.distributed.HashStore())
         self.mesh = init_device_mesh(device.type, (accelerator.num_processes,))
+        # Only the main process reads the weights from disk; the others build empty (meta) models and
+        # get their shards from it (_fill_from_main), so a node holds one whole model in memory, not N.
+        self.broadcast = accelerator.num_processes > 1
+        self.meta_init = self.broadcast and not accelerator.is_main_process
         fc = cfg.train.fsdp
         self.mixed_precision = fsdp_mixed_precision(fc.mixed_precision, cfg.train.precision, accelerator)
         self.offload = fc.cpu_offload and device.type == "cuda"
@@ -130,14 +136,38 @@ class FSDPStrategy(Strategy):
             log.info("teacher: quantized weights are kept whole on every process (FSDP shards floating-point weights)")
             teacher.to(self.accelerator.device)
             return
+        whole = self._whole_state(teacher)
         layers = self._shard(teacher, reshard_after_forward=True, trained=False)
+        self._fill_from_main(teacher, whole)
         # The teacher only runs forwards: gather each next layer's weights while this one computes.
         for layer, following in zip(layers, layers[1:]):
             layer.set_modules_to_forward_prefetch([following])
 
     def place_student(self, student: nn.Module) -> nn.Module:
+        whole = self._whole_state(student)
         self._shard(student, reshard_after_forward=self.cfg.train.fsdp.reshard_after_forward, trained=True)
+        self._fill_from_main(student, whole)
         return student
+
+    def _whole_state(self, model: nn.Module) -> dict[str, torch.Tensor] | None:
+        """The main process's whole weights, kept (by reference) until the others have their shards."""
+        return model.state_dict() if self.broadcast and self.accelerator.is_main_process else None
+
+    def _fill_from_main(self, model: nn.Module, whole: dict[str, torch.Tensor] | None) -> None:
+        """Every process's shards from the main process's ``whole`` weights (sent one tensor at a time),
+        and its buffers (rotary tables, ...: not all are in a state dict) likewise. A process that built
+        ``model`` on the meta device allocates its shards first."""
+        if not self.broadcast:
+            return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        device = self.accelerator.device
+        if any(t.is_meta for t in [*model.parameters(), *model.buffers()]):
+            model.to_empty(device=device)
+        set_model_state_dict(model, whole if whole is not None else {},
+                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+        for buffer in model.buffers():
+            torch.distributed.broadcast(buffer, src=0)
 
     def prepare(self, student: nn.Module, optimizer: torch.optim.Optimizer):
         # Already sharded (place_student); Accelerate must not wrap it in DDP too.
@@ -179,25 +209,32 @@ class FSDPStrategy(Strategy):
             reshard()  # the root group (embeddings, norm, head) stays gathered after a forward otherwise
 
 
+# Accelerate's process setups under which potstill places the models itself.
+PLAIN_LAUNCHES = ("NO", "MULTI_CPU", "MULTI_GPU", "MULTI_XPU", "MULTI_NPU", "MULTI_HPU", "MULTI_MLU", "MULTI_SDAA",
+                  "MULTI_MUSA", "MULTI_NEURON")
+
+
 def make_strategy(cfg: DistillConfig, accelerator) -> Strategy:
     """The strategy ``train.strategy`` names, after the checks that need the processes."""
+    launch = accelerator.distributed_type.name
+    if launch not in PLAIN_LAUNCHES:
+        # Accelerate would wrap the student its own way (FSDP1/2, DeepSpeed, Megatron) under potstill's loop.
+        raise ConfigError(f"launched with Accelerate's {launch} setup: potstill shards with FSDP2 itself; launch "
+                          "with torchrun, or `accelerate launch` without an FSDP or DeepSpeed config (e.g. "
+                          "--multi_gpu --num_processes N), and set train.strategy=fsdp")
     if cfg.train.strategy == "ddp":
         return Strategy(cfg, accelerator)
-    check_fsdp(cfg, accelerator)
+    check_fsdp(cfg)
     return FSDPStrategy(cfg, accelerator)
 
 
-def check_fsdp(cfg: DistillConfig, accelerator) -> None:
+def check_fsdp(cfg: DistillConfig) -> None:
     """Refuse, in one line each, what FSDP here cannot do."""
     from ..models.precision import resolve_precision
 
     if resolve_precision(cfg.train.precision) == "fp16":
         raise ConfigError("train.strategy=fsdp with train.precision=fp16: fp16 needs a loss scaler that sharded "
                           "gradients do not get here; use train.precision=bf16 (or fp32)")
-    if accelerator.distributed_type.name not in ("NO", "MULTI_CPU", "MULTI_GPU", "MULTI_XPU", "MULTI_NPU"):
-        raise ConfigError(f"train.strategy=fsdp under Accelerate's {accelerator.distributed_type.name} setup: potstill "
-                          "shards with FSDP2 itself; launch with torchrun, or `accelerate launch` without an FSDP or "
-                          "DeepSpeed config (e.g. --multi_gpu --num_processes N)")
 
 
 def fsdp_mixed_precision(enabled: bool | str, precision: str, accelerator):
