@@ -264,9 +264,11 @@ def test_accelerate_launch(tmp_path, teacher_dir, text_jsonl):
     """`accelerate launch` starts FSDP runs as torchrun does; with Accelerate's own FSDP config the run
     is refused in one line (potstill applies FSDP2 itself)."""
     path = _write(tmp_path, "run", _config(tmp_path / "run", teacher_dir, text_jsonl, strategy="fsdp", max_steps=2))
-    launch = ["accelerate", "launch", "--cpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+    # --multi_gpu is Accelerate's torch.distributed launcher; on a machine without GPUs the processes run
+    # on the CPUs (gloo). Its --cpu flag would start one process (several need mpirun).
+    launch = ["accelerate", "launch", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
               "--dynamo_backend", "no"]
-    ok = subprocess.run([*launch, "-m", "potstill", "distill", str(path), "--no-progress"], env=ENV,
+    ok = subprocess.run([*launch, "--multi_gpu", "-m", "potstill", "distill", str(path), "--no-progress"], env=ENV,
                         capture_output=True, text=True, timeout=400)
     assert ok.returncode == 0, ok.stderr[-3000:]
     state = json.loads((tmp_path / "run" / "checkpoints" / "step-000002" / "state.json").read_text())

@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 from typing import Iterable
 
 import torch
@@ -217,6 +218,10 @@ PLAIN_LAUNCHES = ("NO", "MULTI_CPU", "MULTI_GPU", "MULTI_XPU", "MULTI_NPU", "MUL
 def make_strategy(cfg: DistillConfig, accelerator) -> Strategy:
     """The strategy ``train.strategy`` names, after the checks that need the processes."""
     launch = accelerator.distributed_type.name
+    # The launcher's settings, also where Accelerate drops them (its FSDP plugin is ignored on CPUs).
+    for name, what in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DEEPSPEED")):
+        if os.environ.get(name, "false").lower() in ("1", "true", "yes"):
+            launch = what
     if launch not in PLAIN_LAUNCHES:
         # Accelerate would wrap the student its own way (FSDP1/2, DeepSpeed, Megatron) under potstill's loop.
         raise ConfigError(f"launched with Accelerate's {launch} setup: potstill shards with FSDP2 itself; launch "
