@@ -200,6 +200,7 @@ def _losses(run: Path) -> list[float]:
     return [r["loss"] for r in _train_records(run)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["cache", "bitnet", "int8"])
 def test_fsdp_with_a_teacher_cache_or_a_bitnet_student_equals_one_process(tmp_path, teacher_dir, text_jsonl, variant):
     """A cached teacher's top-k (sparse loss), a BitNet student (ternary linear layers, plain loss
@@ -229,6 +230,7 @@ def test_fsdp_with_a_teacher_cache_or_a_bitnet_student_equals_one_process(tmp_pa
     assert all(torch.allclose(a[k], b[k], rtol=0, atol=1e-5) for k in b)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("option", ["train.fsdp.reshard_after_forward=false", "student.gradient_checkpointing=true"])
 def test_fsdp_memory_options_keep_the_numbers(tmp_path, teacher_dir, text_jsonl, option):
     """Keeping gathered layers until backward, or recomputing each layer's activations in backward
@@ -242,6 +244,7 @@ def test_fsdp_memory_options_keep_the_numbers(tmp_path, teacher_dir, text_jsonl,
     assert _losses(tmp_path / "varied") == pytest.approx(_losses(tmp_path / "base"), rel=1e-6)
 
 
+@pytest.mark.slow
 def test_fsdp_bf16_mixed_precision_policy(tmp_path, teacher_dir, text_jsonl):
     """train.fsdp.mixed_precision (auto: on with bf16): weights gathered and computed in bf16,
     gradients reduced in fp32, fp32 master weights saved. It trains (the loss falls), it is not
@@ -259,6 +262,7 @@ def test_fsdp_bf16_mixed_precision_policy(tmp_path, teacher_dir, text_jsonl):
     assert all(t.dtype == torch.float32 for t in _weights(tmp_path / "policy").values())
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("accelerate") is None, reason="accelerate's launcher not on PATH")
 def test_accelerate_launch(tmp_path, teacher_dir, text_jsonl):
     """`accelerate launch` starts FSDP runs as torchrun does; with Accelerate's own FSDP config the run
