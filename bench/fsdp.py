@@ -1,7 +1,7 @@
 """Benchmark: FSDP against DDP over 2 CPU processes (gloo), on a pair where weights dominate (issue #14).
 
-The pair: a Llama teacher of ~145M parameters (hidden 1024, 10 layers) and a Llama student of
-~40M (hidden 512, 10 layers), both with the demo teacher's 8192-token tokenizer, built from
+The pair: a Llama teacher of ~130M parameters (GQA) (hidden 1024, 10 layers) and a Llama student of
+~38M (hidden 512, 10 layers), both with the demo teacher's 8192-token tokenizer, built from
 config with fixed seeds (random weights: memory and speed do not depend on what they learned).
 Data: the bundled python-docs train split, 256 tokens a sequence, 4 sequences per process a
 step, no evaluation. Precision: ``auto`` (bf16 autocast where the CPU has AMX; the teacher is
