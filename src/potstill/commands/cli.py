@@ -113,6 +113,19 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from .plan import build_plan, check_json_output, format_plan, write_json
+
+    if args.json:
+        check_json_output(args.json)  # before the configs are read: a bad path costs nothing
+    plan = build_plan(args.config, args.overrides, devices=args.devices, device_memory_gb=args.device_memory,
+                      device=args.device)
+    print(format_plan(plan))
+    if args.json:
+        write_json(args.json, plan)
+    return 0
+
+
 def format_table(rows: dict[str, dict[str, float]]) -> str:
     """A plain-text table: one row per model, one column per metric."""
     cols = [c for c in ("ppl", "ce", "kl", "agreement", "kd", "teacher_ppl", "tokens")
@@ -202,6 +215,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the other tensors (embeddings, norms, head): float32 = exact training-time outputs "
                         "(default); bfloat16 = half their size, outputs differ slightly")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("plan", parents=[common], help="estimate a run's memory per device before running it",
+                       description="Estimate the per-device memory of a run (student weights, gradients, AdamW "
+                                   "state, teacher, activations with and without checkpointing, loss buffers, "
+                                   "runtime) for DDP and FSDP over --devices, from the configs alone (models "
+                                   "built on the meta device; no weights read); say which fit in "
+                                   "--device-memory and the largest train.batch_size that does.")
+    p.add_argument("config", help="YAML config file")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.batch_size=16")
+    p.add_argument("--devices", help="number of devices (processes), or several: 1,2,8 "
+                                     "(default: 1,2 on CPU, 1,2,4,8 on CUDA)")
+    p.add_argument("--device-memory", type=float, metavar="GB",
+                   help="memory of one device in GB (2**30 bytes); default: the GPU's, or this machine's RAM "
+                        "shared by the processes")
+    p.add_argument("--device", choices=["cpu", "cuda"], help="where the run will train (default: cuda if present)")
+    p.add_argument("--json", help="also write the plan to this JSON file")
+    p.set_defaults(func=cmd_plan)
     return parser
 
 
