@@ -42,6 +42,8 @@ from pathlib import Path
 
 import yaml
 
+from fsdp import vm_hwm_mb  # bench/fsdp.py: a worker's peak RSS from /proc (no torch imported)
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 DEMO_TEACHER = REPO / "src" / "potstill" / "assets" / "demo-teacher"
@@ -102,18 +104,6 @@ def child_prepare(out: Path, quick: bool) -> None:
     tokenizer.save_pretrained(out / "teacher")
     (out / "prepare.json").write_text(json.dumps({"teacher_params": sum(p.numel() for p in model.parameters()),
                                                   "torch": torch.__version__}))
-
-
-def vm_hwm_mb(pid: int) -> float | None:
-    """A process's peak resident memory (VmHWM), or None once it is gone."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        return None
-    return None
 
 
 def run_child(cmd: list[str], log: Path, env: dict, *, workers: bool) -> tuple[float, list[float]]:
