@@ -42,20 +42,18 @@ from pathlib import Path
 
 import yaml
 
-from fsdp import vm_hwm_mb  # bench/fsdp.py: a worker's peak RSS from /proc (no torch imported)
+from fsdp import PAIRS, vm_hwm_mb  # bench/fsdp.py: its model pair; a worker's peak RSS from /proc (no torch)
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 DEMO_TEACHER = REPO / "src" / "potstill" / "assets" / "demo-teacher"
 
-TEACHER = {"hidden_size": 1024, "num_hidden_layers": 10, "num_attention_heads": 16, "num_key_value_heads": 4,
-           "intermediate_size": 2816}
-STUDENTS = {"s38m": {"hidden_size": 512, "num_hidden_layers": 10, "num_attention_heads": 8, "num_key_value_heads": 4,
-                     "intermediate_size": 1408},
+# The pair of bench/fsdp.py (so the FSDP rows here and there measure the same models), and a narrower student.
+TEACHER = PAIRS["full"]["teacher"]
+STUDENTS = {"s38m": PAIRS["full"]["student"],
             "s8m": {"hidden_size": 384, "num_hidden_layers": 6, "num_attention_heads": 6, "num_key_value_heads": 6,
                     "intermediate_size": 1024}}
-QUICK_TEACHER = {"hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 8, "num_key_value_heads": 4,
-                 "intermediate_size": 704}
+QUICK_TEACHER = PAIRS["quick"]["teacher"]
 
 # name -> (processes, student, overrides). fp32 / bf16 are train.precision.
 FP32, BF16 = {"train": {"precision": "fp32"}}, {"train": {"precision": "bf16"}}

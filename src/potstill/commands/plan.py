@@ -72,11 +72,12 @@ def machine_memory() -> int:
 
 def resident_bytes() -> int:
     """This process's resident memory now (VmRSS), in bytes."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise OSError("no VmRSS in /proc/self/status")
+    from ..training.metrics import process_status_kib
+
+    rss = process_status_kib("VmRSS")
+    if rss is None:
+        raise OSError("no VmRSS in /proc/self/status")
+    return rss * 1024
 
 
 def measure_runtime() -> int:

@@ -32,14 +32,23 @@ def peak_memory_mb(device: torch.device) -> float:
         return torch.cuda.max_memory_allocated(device) / 2**20
     # VmHWM, not ru_maxrss: after fork+exec, ru_maxrss starts at the *parent's* peak (Linux
     # carries it over at exec), so a small child of a large launcher would report the launcher.
+    peak = process_status_kib("VmHWM")
+    if peak is not None:
+        return peak / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def process_status_kib(field: str) -> int | None:
+    """A memory field of this process's /proc/self/status (``VmHWM`` peak, ``VmRSS`` now), in
+    KiB; None where there is no /proc (not Linux)."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
     except OSError:
         pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    return None
 
 
 def git_commit() -> str | None:

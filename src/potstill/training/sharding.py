@@ -108,7 +108,7 @@ class FSDPStrategy(Strategy):
         self.broadcast = accelerator.num_processes > 1
         self.meta_init = self.broadcast and not accelerator.is_main_process
         fc = cfg.train.fsdp
-        self.mixed_precision = fsdp_mixed_precision(fc.mixed_precision, cfg.train.precision, accelerator)
+        self.mixed_precision = fsdp_mixed_precision(fc.mixed_precision, cfg.train.precision)
         self.offload = fc.cpu_offload and device.type == "cuda"
         if fc.cpu_offload and device.type != "cuda":
             log.info("train.fsdp.cpu_offload has no effect here: the parameters are already in CPU memory")
@@ -242,7 +242,7 @@ def check_fsdp(cfg: DistillConfig) -> None:
                           "gradients do not get here; use train.precision=bf16 (or fp32)")
 
 
-def fsdp_mixed_precision(enabled: bool | str, precision: str, accelerator):
+def fsdp_mixed_precision(enabled: bool | str, precision: str):
     """FSDP2's MixedPrecisionPolicy for ``train.fsdp.mixed_precision``: gather and compute in bf16,
     reduce gradients in fp32, fp32 master weights; None (autocast, as DDP) when off.
 
