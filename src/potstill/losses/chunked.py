@@ -17,7 +17,8 @@ logits for either model:
   logits. Forward KL (also ``jsd`` at ``beta=0``) and CE use their closed-form gradient
   (``softmax - target distribution``, evaluated in place); every other divergence runs
   the same ``per_token_divergence`` / ``cross_entropy`` as the plain path under
-  ``torch.autograd.grad`` on the block;
+  ``torch.autograd.grad`` on the block, with the block's label ids (``token_rkl`` reads the
+  label's log-probs, so a label must lie in the shared vocab);
 * then ``grad_hidden[rows] = g @ W`` and ``grad_W += g.T @ h`` (float32 accumulator),
   and the chunk's buffers are reused by the next chunk;
 * ``backward`` only scales the stored gradients by ``grad_output``.
@@ -241,12 +242,15 @@ def _closed_form_block(z, t, tgt, spec: _Spec, scratch):
 
 def _autograd_block(z, t, tgt, spec: _Spec):
     """Any divergence: the block loss through ``per_token_divergence`` / ``cross_entropy``,
-    differentiated by autograd on this block only. ``z`` (r, Vz) requires grad."""
+    differentiated by autograd on this block only. ``z`` (r, Vz) requires grad; ``tgt`` (r,)
+    the block's label ids (all valid), for CE and for ``token_rkl``."""
     kd_sum = ce_sum = None
     loss = 0.0
     if t is not None:
+        # targets: token_rkl reads the label's log-probs (the other divergences ignore them).
         kd_sum = per_token_divergence(spec.divergence, z[:, :spec.shared_vocab], t,
-                                      temperature=spec.temperature, beta=spec.beta, alpha=spec.alpha).sum()
+                                      temperature=spec.temperature, beta=spec.beta, alpha=spec.alpha,
+                                      targets=tgt).sum()
         loss = spec.kd_weight * kd_sum
     if spec.ce_weight > 0:
         ce_sum, _ = cross_entropy(z, tgt, ignore_index=IGNORE_INDEX)
@@ -494,7 +498,7 @@ def chunked_distill_loss(
 
     Equals the plain path: with ``s = student_hidden @ student_head.T (+ bias, softcap)``
     and ``t`` likewise, ``weighted_sum = kd_weight * logit_divergence(divergence, s[:, :V],
-    t[:, :V], targets != -100)[0] + ce_weight * cross_entropy(s, targets)[0]``, with
+    t[:, :V], targets != -100, targets=targets)[0] + ce_weight * cross_entropy(s, targets)[0]``, with
     ``V = shared_vocab or min(Vs, Vt)``. ``kd_weight`` already includes any T^2 factor.
     ``chunk_size`` rows per chunk, else chosen from ``memory_budget_mb``.
     """

@@ -110,9 +110,10 @@ def fused_logit_loss(
     """Distillation loss from full logits: ``student_logits`` (N, Vs), ``teacher_logits``
     (N, Vt) (needed when ``kd_weight > 0``), ``targets`` (N,) int64 (-100 = ignored).
 
-    ``weighted_sum = kd_weight * logit_divergence(divergence, s[:, :V], t[:, :V], mask)[0]
-    + ce_weight * cross_entropy(s, targets)[0]`` with ``V = shared_vocab or min(Vs, Vt)``,
-    its gradient computed during the forward (call backward once).
+    ``weighted_sum = kd_weight * logit_divergence(divergence, s[:, :V], t[:, :V], mask,
+    targets=targets)[0] + ce_weight * cross_entropy(s, targets)[0]`` with ``V = shared_vocab or
+    min(Vs, Vt)``, its gradient computed during the forward (call backward once). The valid rows'
+    ``targets`` reach every row block (``token_rkl`` reads the label's log-probs there).
     """
     check_loss_options(divergence, temperature, beta, alpha, kd_weight, ce_weight)
     use_kd = kd_weight > 0

@@ -45,17 +45,31 @@ Conventions (p_t = teacher probs, p_s = student probs, both after temperature):
   KL(p_s || p_s), also 0 with zero gradient).
 * ``tvd``: 0.5 * sum |p_t - p_s|, in [0, 1].
 * ``mse``: mean over the vocab of (z_s - z_t)^2 with z = logits / temperature.
+* ``token_rkl``: the single-sample estimate of reverse KL on the label token x,
+  k = log p_s(x) - log p_t(x), with a REINFORCE gradient: the per-token term is
+  ``sg(k) * log p_s(x) - sg(k * log p_s(x)) + sg(k)`` (sg = stop-gradient), whose *value*
+  is k (so logs show the reverse-KL estimate) and whose *gradient* w.r.t. the student
+  logits is ``sg(k) * d log p_s(x) / d logits``. The "on-policy distillation" loss of
+  Thinking Machines, "On-Policy Distillation" (2025), as a per-token penalty; on-policy
+  training as in GKD (Agarwal et al., arXiv 2306.13649). It needs the label ids: pass
+  ``targets`` (the only divergence that reads them; the others ignore them). It is an
+  unbiased estimate of KL(p_s || p_t), value and gradient, ONLY when the labels were
+  sampled from the student itself at the same temperature; on data tokens (or samples from
+  any other policy or temperature) it is a different, biased objective, and a single
+  token's value may be negative. Not in ``DIVERGENCES`` (whose functions take no labels):
+  call it through ``logit_divergence`` / ``per_token_divergence``. No sparse (top-k teacher)
+  version: a top-k teacher need not hold the label's log-prob.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
 LossOut = Tuple[torch.Tensor, torch.Tensor]
-_NAMES = ("fkl", "rkl", "jsd", "tvd", "skew_fkl", "skew_rkl", "mse")
+_NAMES = ("fkl", "rkl", "jsd", "tvd", "skew_fkl", "skew_rkl", "mse", "token_rkl")
 
 
 def _check_temperature(temperature: float) -> None:
@@ -117,6 +131,39 @@ def _zero_anchor(z: torch.Tensor) -> torch.Tensor:
     return z[..., :0].sum(-1)
 
 
+def _check_targets(targets: Optional[torch.Tensor], logits: torch.Tensor) -> torch.Tensor:
+    """The label ids ``targets`` (...) for ``token_rkl``, checked against logits (..., V)."""
+    if targets is None:
+        raise ValueError("divergence 'token_rkl' needs the label ids: pass targets= (int64, the logits' "
+                         "leading shape), e.g. the shifted labels at the valid positions")
+    if targets.is_floating_point() or targets.dtype == torch.bool:
+        raise TypeError(f"targets must be an integer tensor, got dtype {targets.dtype}")
+    if targets.shape != logits.shape[:-1]:
+        raise ValueError(f"targets shape {tuple(targets.shape)} must equal the logits' leading shape "
+                         f"{tuple(logits.shape[:-1])} (logits shape {tuple(logits.shape)})")
+    vocab = logits.shape[-1]
+    bad = (targets < 0) | (targets >= vocab)
+    if targets.numel() and bool(bad.any()):
+        raise ValueError(f"token_rkl: label id {int(targets[bad][0])} is outside the {vocab} logit columns "
+                         "the divergence sees (ignored positions must be masked out first; a label beyond "
+                         "the shared vocab has no teacher log-prob)")
+    return targets.long()
+
+
+def _token_rkl(ls: torch.Tensor, lt: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-token reverse-KL estimate on the label, REINFORCE gradient: (N, V) log-probs -> (N,).
+
+    ``k = log p_s(x) - log p_t(x)``; returns ``sg(k) + sg(k) * (log p_s(x) - sg(log p_s(x)))``,
+    i.e. the module docstring's ``sg(k) log p_s(x) - sg(k log p_s(x)) + sg(k)`` written so the
+    value is exactly k (the bracket is an exact 0) and the gradient ``sg(k) * grad log p_s(x)``.
+    """
+    idx = targets.unsqueeze(-1)
+    ls_x = ls.gather(-1, idx).squeeze(-1)
+    lt_x = lt.gather(-1, idx).squeeze(-1)
+    k = (ls_x - lt_x).detach()
+    return k + k * (ls_x - ls_x.detach())
+
+
 def per_token_divergence(
     name: str,
     student_logits: torch.Tensor,
@@ -125,24 +172,31 @@ def per_token_divergence(
     temperature: float = 1.0,
     beta: float = 0.5,
     alpha: float = 0.1,
+    targets: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Unmasked per-token divergence: logits (N, V) (or (..., V)) -> (N,) (or (...)).
 
     Building block for the masked losses and for a chunked path that feeds row
     slices. Result is float32 (float64 for float64 inputs); teacher is detached.
     ``beta`` is used by ``jsd`` and ``alpha`` by the skew losses; both are
-    validated regardless, so config errors surface early.
+    validated regardless, so config errors surface early. ``targets`` (N,) (or (...))
+    integer label ids in ``[0, V)``: required by ``token_rkl`` (ValueError without them),
+    ignored by every other divergence.
     """
     _check_name(name)
     _check_temperature(temperature)
     _check_unit("beta", beta)
     _check_unit("alpha", alpha)
+    if name == "token_rkl":
+        targets = _check_targets(targets, student_logits)
     zs = _tempered(student_logits, temperature)
     zt = _tempered(teacher_logits.detach(), temperature)
     if name == "mse":
         return (zs - zt).pow(2).mean(-1)
     ls = torch.log_softmax(zs, dim=-1)
     lt = torch.log_softmax(zt, dim=-1)
+    if name == "token_rkl":
+        return _token_rkl(ls, lt, targets)
     if name == "fkl":
         return _kl(lt, ls)
     if name == "rkl":
@@ -198,18 +252,23 @@ def logit_divergence(
     temperature: float = 1.0,
     beta: float = 0.5,
     alpha: float = 0.1,
+    targets: Optional[torch.Tensor] = None,
 ) -> LossOut:
-    """Masked divergence ``name`` (one of ``DIVERGENCES``) -> (loss_sum, n_valid).
+    """Masked divergence ``name`` (one of ``DIVERGENCES`` or ``token_rkl``) -> (loss_sum, n_valid).
 
-    Shapes: logits (..., V), mask (...) bool. See the module docstring.
+    Shapes: logits (..., V), mask (...) bool, ``targets`` (...) integer label ids (needed
+    by ``token_rkl`` only; read at the valid positions). See the module docstring.
     """
     _check_name(name)
     _check_shapes(student_logits, teacher_logits, mask)
+    if targets is not None and targets.shape != mask.shape:
+        raise ValueError(f"targets shape {tuple(targets.shape)} must equal the mask shape {tuple(mask.shape)}")
     # Index selection (not multiply-by-mask): garbage rows never enter the math,
     # and the backward of indexing scatters exact zeros to them.
     per_token = per_token_divergence(
         name, student_logits[mask], teacher_logits[mask],
         temperature=temperature, beta=beta, alpha=alpha,
+        targets=None if targets is None else targets[mask],
     )
     return per_token.sum(), mask.sum()
 

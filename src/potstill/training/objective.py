@@ -149,7 +149,7 @@ class Objective:
         v = self.shared_vocab or min(s.shape[-1], t.shape[-1])
         lc = self.cfg.logits
         return logit_divergence(lc.divergence, s[..., :v], t[..., :v], mask,
-                                temperature=lc.temperature, beta=lc.beta, alpha=lc.alpha)
+                                temperature=lc.temperature, beta=lc.beta, alpha=lc.alpha, targets=targets)
 
     def __call__(self, student_logits: torch.Tensor, labels: torch.Tensor,
                  teacher_logits: torch.Tensor | None = None) -> ObjectiveOutput:
