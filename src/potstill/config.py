@@ -33,7 +33,7 @@ MAX_COUNT = 2**31 - 1
 MAX_SEED = 2**32 - 1
 MAX_TOKENS = 2**24  # tokens per sequence: beyond any model's context
 
-SECTIONS = ("teacher", "student", "data", "loss", "train", "eval", "output", "cache", "generate")
+SECTIONS = ("teacher", "student", "data", "loss", "onpolicy", "train", "eval", "output", "cache", "generate")
 ENV_PREFIX = "POTSTILL_"
 
 
@@ -161,15 +161,16 @@ class DataConfig(_Section):
     cache_dir: str | None = Field(None, description="tokenized-data cache; default ~/.cache/potstill/data")
 
 
-DIVERGENCE_NAMES = ("fkl", "rkl", "jsd", "tvd", "skew_fkl", "skew_rkl", "mse")
+DIVERGENCE_NAMES = ("fkl", "rkl", "jsd", "tvd", "skew_fkl", "skew_rkl", "mse", "token_rkl")
 
 
 class LogitLossConfig(_Section):
     """Match the student's next-token distribution to the teacher's."""
 
     weight: float = Field(1.0, ge=0.0, description="weight of the logit term")
-    divergence: Literal["fkl", "rkl", "jsd", "tvd", "skew_fkl", "skew_rkl", "mse"] = Field(
-        "fkl", description="fkl | rkl | jsd | tvd | skew_fkl | skew_rkl | mse")
+    divergence: Literal["fkl", "rkl", "jsd", "tvd", "skew_fkl", "skew_rkl", "mse", "token_rkl"] = Field(
+        "fkl", description="fkl | rkl | jsd | tvd | skew_fkl | skew_rkl | mse | token_rkl (reverse KL estimated "
+                           "on the label token: for on-policy samples)")
     temperature: float = Field(1.0, gt=0.0, description="divides both models' logits before softmax")
     t2_scaling: bool = Field(False, description="multiply the term by temperature**2 (Hinton et al.)")
     beta: float = Field(0.5, ge=0.0, le=1.0, description="jsd only: 0 = forward KL, 1 = reverse KL")
@@ -249,6 +250,30 @@ class LossConfig(_Section):
     @property
     def uses_features(self) -> bool:
         return self.hidden.weight > 0 or self.attention.weight > 0
+
+
+class OnPolicyConfig(_Section):
+    """Where the completions come from (GKD, Agarwal et al. 2024): for a fraction ``lmbda`` of the
+    sequences the current student samples a completion to the data's prompt and the teacher scores
+    it; the rest keep the data's completion, or the teacher's own sample (``seq_kd``)."""
+
+    lmbda: float = Field(0.0, ge=0.0, le=1.0, description="fraction of sequences whose completion the current "
+                                                          "student samples (0: off-policy, the data's completions)")
+    seq_kd: bool = Field(False, description="the other sequences get a completion sampled from the teacher "
+                                            "(GKD's seq_kd) instead of the data's")
+    per: Literal["step", "sequence"] = Field(
+        "step", description="draw on-policy or not once per optimizer step (as TRL's GKD) or per sequence")
+    max_new_tokens: int = Field(128, ge=1, le=MAX_TOKENS, description="tokens per sampled completion at most")
+    temperature: float = Field(1.0, ge=0.0, le=100.0, description="sampling temperature; 0: greedy")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus sampling mass")
+    top_k: int | None = Field(None, ge=1, le=MAX_COUNT, description="sample among the k most likely tokens")
+    num_completions: int = Field(1, ge=1, le=1024, description="completions per prompt: a micro-batch of B prompts "
+                                                             "trains on B x num_completions sequences")
+
+    @property
+    def enabled(self) -> bool:
+        """Whether any completion is sampled (by the student or, with seq_kd, the teacher)."""
+        return self.lmbda > 0 or self.seq_kd
 
 
 class FSDPConfig(_Section):
@@ -355,6 +380,7 @@ class DistillConfig(_Section):
     student: StudentConfig = Field(default_factory=lambda: StudentConfig(from_teacher={"every": 2}))
     data: DataConfig = Field(default_factory=DataConfig)
     loss: LossConfig = Field(default_factory=LossConfig)
+    onpolicy: OnPolicyConfig = Field(default_factory=OnPolicyConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
@@ -386,10 +412,32 @@ class DistillConfig(_Section):
                 and "student" in self.model_fields_set:
             raise ValueError("student.from_teacher needs the teacher's weights, which a served teacher keeps in its "
                              "server: give student.name_or_path or student.config")
+        self._onpolicy_checks()
         if self.student.from_teacher is not None and self.teacher.name_or_path is None and self.teacher.server is None:
             raise ValueError("student.from_teacher needs teacher.name_or_path (a teacher cache holds no weights): "
                              "give student.name_or_path or student.config")
         return self
+
+
+    def _onpolicy_checks(self) -> None:
+        op = self.onpolicy
+        if not op.enabled:
+            return
+        what = "onpolicy.lmbda > 0" if op.lmbda > 0 else "onpolicy.seq_kd"
+        if self.teacher.cache is not None:
+            raise ValueError(f"{what} samples new completions, but teacher.cache holds the teacher's signal for the "
+                             "data's tokens only: load the teacher (teacher.name_or_path) or serve it (teacher.server)")
+        if op.seq_kd and self.teacher.server is not None:
+            raise ValueError("onpolicy.seq_kd samples from a teacher in this process, and teacher.server is served: "
+                             "write the teacher's completions once with potstill generate and train on them")
+        if op.seq_kd and self.teacher.name_or_path is None:
+            raise ValueError("onpolicy.seq_kd samples completions from the teacher: set teacher.name_or_path")
+        if self.loss.logits.weight <= 0:
+            raise ValueError(f"{what}: sampled completions have no labels of their own, the teacher's scores are the "
+                             "signal: set loss.logits.weight > 0")
+        if not self.data.assistant_only_loss:
+            raise ValueError(f"{what} needs the prompt part of each example, which data.assistant_only_loss=true "
+                             "marks (no loss on it): set data.assistant_only_loss=true")
 
 
 # ----------------------------------------------------------------------------------------

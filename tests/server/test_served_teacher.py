@@ -245,3 +245,27 @@ def test_two_processes_on_one_server_equal_one_process_with_accumulation(tmp_pat
         wa, wb = weights(tmp_path / "two"), weights(tmp_path / "one")
         assert all(torch.allclose(wa[k], wb[k], rtol=0, atol=1e-5) for k in wb)
 
+
+
+def test_the_served_teacher_scores_the_students_samples(tmp_path, vllm, demo_teacher):
+    """On-policy with a served teacher: GKD steps of sampled and of data completions, the data ones
+    asked ahead of time; each sampled sequence gets its own top-k (not the data sequence's of the
+    same example), the same again after a resume."""
+    from tiny import chat_rows
+
+    chat = write_jsonl(tmp_path / "chat.jsonl", chat_rows(80, seed=6))
+    kw = dict(max_steps=8, checkpoint_every=4, keep_checkpoints=3)
+    cfg = served_config(tmp_path / "on", chat, vllm.url, vllm.name, demo_teacher, server={"lookahead": 2},
+                        loss={"logits": {"weight": 1.0, "divergence": "rkl"}}, **kw)
+    cfg["data"]["max_length"] = 96
+    cfg["onpolicy"] = {"lmbda": 0.5, "max_new_tokens": 8}
+    result = potstill.distill(cfg, progress=False)
+    assert result.steps == 8
+    records = [r for r in read_metrics(tmp_path / "on" / "metrics.jsonl") if "loss" in r]
+    fractions = {r["onpolicy/fraction"] for r in records}
+    assert fractions == {0.0, 1.0}  # whole steps on- and off-policy
+    assert all(r["loss/kd"] > 0 for r in records)
+    assert all("onpolicy/teacher_nll" not in r for r in records)  # a top-k need not hold the sampled token
+    again = potstill.distill(cfg, overrides=[f"output.dir={tmp_path / 'again'}"], progress=False)
+    assert again.steps == 8
+    assert losses(tmp_path / "again") == losses(tmp_path / "on")  # the same samples, the same server answers

@@ -27,6 +27,8 @@ class MicroBatch:
     ``input_ids`` (B, T) and ``labels`` (B, T, -100 where no loss), ``attention_mask`` (B, T)
     1 on real tokens; ``example_indices`` are the B rows of the tokenized train dataset they
     came from (a teacher cache is keyed by them), ``step`` the optimizer step it belongs to.
+    ``origins``: where each row's completion came from ('data', 'student', 'teacher'), None when
+    every row is the data's own (see :mod:`potstill.training.onpolicy`).
     """
 
     input_ids: torch.Tensor
@@ -34,6 +36,7 @@ class MicroBatch:
     labels: torch.Tensor
     example_indices: list[int]
     step: int = 0
+    origins: list[str] | None = None
 
     @classmethod
     def collate(cls, dataset, indices: list[int], pad_token_id: int | None, *, step: int = 0) -> "MicroBatch":
@@ -43,7 +46,7 @@ class MicroBatch:
 
     def to(self, device: torch.device) -> "MicroBatch":
         return MicroBatch(self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device),
-                          self.example_indices, self.step)
+                          self.example_indices, self.step, self.origins)
 
     @property
     def loss_mask(self) -> torch.Tensor:

@@ -149,7 +149,8 @@ class ServedTeacher(Teacher):
 
     @staticmethod
     def _key(batch: MicroBatch) -> tuple:
-        return (batch.step, tuple(batch.example_indices))
+        # origins: a sampled completion of an example is another sequence than the data's one
+        return (batch.step, tuple(batch.example_indices), tuple(batch.origins or ()))
 
     def _sequences(self, batch: MicroBatch) -> list[list[int]]:
         """Each row's real tokens (right padding removed): what the server is sent."""

@@ -40,6 +40,7 @@ from . import checkpoint as ckpt
 from .evaluation import evaluate_models, reduce_sum
 from .metrics import MetricsLogger, peak_memory_mb, read_metrics
 from .objective import step_loss
+from .onpolicy import sample_stats, teacher_nll_of_samples
 from .resume import apply_resume_changes, check_resume_changes
 from .rundir import (
     STUDENT_DIR,
@@ -140,7 +141,12 @@ def train_steps(run: Run, metrics: MetricsLogger, start_step: int, last_good: Pa
         for step in range(start_step, run.max_steps):
             try:
                 run.teacher.prefetch(run.tokens.upcoming(step, run.teacher.lookahead, run.max_steps))
-                sums, grad_norm = train_step(run, run.tokens.take(step), step, last_good)
+                started = time.perf_counter()
+                batches = run.tokens.take(step)  # with onpolicy: the completions are sampled here
+                generate_s = time.perf_counter() - started
+                sums, grad_norm = train_step(run, batches, step, last_good)
+                run.tokens.after_step()
+                sums["generate_s"] = torch.as_tensor(generate_s)
             except ServerError as err:  # the teacher's server went away: say what is kept and how to go on
                 raise ServerError(f"{err}; stopped at step {step + 1} without saving, {kept_checkpoint(last_good)}, "
                                   "once the server answers") from None
@@ -185,6 +191,8 @@ def train_step(run: Run, batches: list[MicroBatch], step: int,
     acc = run.accelerator
     n_valid_step = reduce_sum({"n": sum(b.n_valid.cpu() for b in batches)}, acc)["n"]
     sums = {"loss": torch.zeros(()), "tokens": torch.zeros(())}
+    # The on-policy counts of the step (StepLog); every key on every process, for the reduction.
+    samples = dict.fromkeys(SAMPLE_KEYS, 0.0) if run.cfg.onpolicy.enabled else None
     teacher_s = 0.0
     for m, batch in enumerate(batches):
         with run.strategy.gradient_sync(run.student, sync=m == len(batches) - 1):
@@ -193,6 +201,8 @@ def train_step(run: Run, batches: list[MicroBatch], step: int,
             teacher_s += time.perf_counter() - started
             student_out = run.student_forward(batch)
             out = run.objective.compute(student_out, signal, batch)
+            if samples is not None:
+                add_sample_stats(samples, batch, signal, run.autocast)
             run.strategy.release_teacher(run.teacher.model)
             if not torch.isfinite(out.weighted_sum):
                 raise DivergedError(diverged_message(step + 1, f"loss is {out.weighted_sum.item()}", last_good))
@@ -212,7 +222,35 @@ def train_step(run: Run, batches: list[MicroBatch], step: int,
     run.optimizer.zero_grad(set_to_none=True)
     sums["n_valid"] = torch.as_tensor(n_valid_step)
     sums["teacher_s"] = torch.as_tensor(teacher_s)
+    for name, value in (samples or {}).items():
+        sums[f"{SAMPLES}{name}"] = torch.as_tensor(value)
     return sums, float(grad_norm)
+
+
+SAMPLES = "samples/"  # prefix of the on-policy counts in a step's sums
+SAMPLE_KEYS = ("seqs", "student_seqs", "completion_tokens", "teacher_nll", "teacher_nll_n")
+
+
+def add_sample_stats(samples: dict[str, float], batch: MicroBatch, signal, autocast) -> None:
+    """Add one micro-batch's on-policy counts (sequences, student-sampled ones, their completion tokens,
+    the teacher's NLL of those tokens) to ``samples``."""
+    for name, value in sample_stats(batch).items():
+        samples[name] += value
+    nll = teacher_nll_of_samples(signal, batch, autocast=autocast)
+    if nll is not None:
+        samples["teacher_nll"] += nll[0]
+        samples["teacher_nll_n"] += nll[1]
+
+
+def onpolicy_metrics(samples: dict[str, float]) -> dict[str, float]:
+    """The logged view of a window's on-policy counts (all processes): the fraction of sequences the
+    student sampled, their mean completion length, the teacher's per-token NLL of those tokens."""
+    get = lambda k: samples.get(SAMPLES + k, 0.0)  # noqa: E731
+    out = {"onpolicy/fraction": get("student_seqs") / max(get("seqs"), 1.0),
+           "onpolicy/completion_len": get("completion_tokens") / max(get("student_seqs"), 1.0)}
+    if get("teacher_nll_n") > 0:
+        out["onpolicy/teacher_nll"] = get("teacher_nll") / get("teacher_nll_n")
+    return out
 
 
 class StepLog:
@@ -227,6 +265,7 @@ class StepLog:
         self.bar = tqdm(total=run.max_steps, initial=start_step, desc="distill", unit="step",
                         disable=not (progress and run.is_main), dynamic_ncols=True)
         self.window: dict[str, float] = {}
+        self.samples: dict[str, float] = {}
         self.window_start = time.perf_counter()
         self.train_metrics: dict[str, float] = {}
         self.grad_norm = 0.0
@@ -236,7 +275,12 @@ class StepLog:
         # Seconds this process waited for the teacher's signal (a local forward, a cache read, or the
         # part of a server's latency that prefetching did not hide).
         self.window["teacher_s"] = self.window.get("teacher_s", 0.0) + float(sums.pop("teacher_s", 0.0))
+        # Seconds this process spent sampling the step's completions (on-policy; 0 without), and the rest.
+        generate_s = float(sums.pop("generate_s", 0.0))
+        self.window["time/generate_s"] = self.window.get("time/generate_s", 0.0) + generate_s
         totals = reduce_sum(sums, self.run.accelerator)
+        for k in [k for k in totals if k.startswith(SAMPLES)]:  # summed over the window, ratios at _log
+            self.samples[k] = self.samples.get(k, 0.0) + totals.pop(k)
         n = max(n_valid, 1.0)
         values = {"loss": totals["loss"] / n,
                   **{f"loss/{k}": v / n for k, v in totals.items() if k not in ("loss", "tokens")}}
@@ -257,9 +301,16 @@ class StepLog:
                   "tokens_per_s": tokens / elapsed, "step_time_s": elapsed / steps_in,
                   "peak_mem_mb": peak_memory_mb(self.run.device), "epoch": self.run.batcher.epoch_of(done),
                   "model_state_mb": self.run.model_state_bytes() / 2**20})
+        postfix = {"loss": f"{m['loss']:.4f}", "tok_s": f"{m['tokens_per_s']:.0f}"}
+        if self.run.cfg.onpolicy.enabled:
+            m.update(onpolicy_metrics(self.samples))
+            m["time/train_s"] = max(m["step_time_s"] - m["time/generate_s"], 0.0)
+            postfix.update(gen_s=f"{m['time/generate_s']:.2f}", train_s=f"{m['time/train_s']:.2f}")
+        else:
+            m.pop("time/generate_s", None)
         self.metrics.log(done, m)
-        self.bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{m['tokens_per_s']:.0f}")
-        self.train_metrics, self.window, self.window_start = m, {}, time.perf_counter()
+        self.bar.set_postfix(postfix)
+        self.train_metrics, self.window, self.samples, self.window_start = m, {}, {}, time.perf_counter()
 
     def flush(self, done: int) -> None:
         """Log the steps since the last record now (the run stops before the next record is due)."""

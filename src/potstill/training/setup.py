@@ -36,6 +36,7 @@ from ..teachers import Teacher, build_teacher, connect_server
 from ..teachers.cache_format import check_manifest, read_manifest
 from .forward import StudentForward
 from .objective import Objective
+from .onpolicy import OnPolicyTokens, build_onpolicy_tokens, onpolicy_data_config
 from .sharding import Strategy, local_bytes, make_strategy
 from .tokens import TokenSource
 
@@ -62,7 +63,7 @@ class Run:
     train_ds: Any
     val_ds: Any
     batcher: StepBatcher
-    tokens: TokenSource
+    tokens: TokenSource | OnPolicyTokens  # the data's tokens, or with onpolicy: the samples too
     max_steps: int
     optimizer: torch.optim.Optimizer
     scheduler: Any
@@ -116,7 +117,7 @@ def build_run(cfg: DistillConfig, accelerator, precision: str, run_dir: Path, *,
         check_manifest(Path(cfg.teacher.cache), read_manifest(Path(cfg.teacher.cache)))
     checked = preflight(cfg, role="distill", check_data=False)
     with accelerator.main_process_first():
-        train_ds, val_ds = build_datasets(cfg.data, checked.tokenizer, seed=cfg.train.seed,
+        train_ds, val_ds = build_datasets(onpolicy_data_config(cfg), checked.tokenizer, seed=cfg.train.seed,
                                           progress=progress and accelerator.is_main_process)
     tc = cfg.train
     batcher = StepBatcher(len(train_ds), batch_size=tc.batch_size, grad_accum=tc.grad_accum,
@@ -144,11 +145,17 @@ def build_run(cfg: DistillConfig, accelerator, precision: str, run_dir: Path, *,
     wrapped, raw_student, optimizer = strategy.prepare(student, optimizer)
     student_head = choose_loss_path(cfg.loss.path, raw_student, teacher)
     objective = Objective(cfg.loss, shared_vocab, features=features, autocast=autocast)
+    tokens = TokenSource(train_ds, batcher, tokenizer.pad_token_id, device)
+    if cfg.onpolicy.enabled:
+        tokens = build_onpolicy_tokens(cfg, tokens, train_ds, tokenizer, student=raw_student,
+                                       teacher_model=teacher.model, shared_vocab=shared_vocab, autocast=autocast,
+                                       synced=strategy.lockstep,
+                                       world_size=accelerator.num_processes, rank=accelerator.process_index)
     return Run(cfg=cfg, accelerator=accelerator, strategy=strategy, precision=precision, run_dir=run_dir, autocast=autocast,
                student=wrapped, raw_student=raw_student, tokenizer=tokenizer, teacher=teacher, features=features,
                objective=objective, student_forward=StudentForward(wrapped, raw_student, student_head, features),
                train_ds=train_ds, val_ds=val_ds, batcher=batcher,
-               tokens=TokenSource(train_ds, batcher, tokenizer.pad_token_id, device), max_steps=max_steps,
+               tokens=tokens, max_steps=max_steps,
                optimizer=optimizer, scheduler=scheduler, shared_vocab=shared_vocab, n_params=n_params)
 
 

@@ -3,7 +3,7 @@
 The data order is a pure function of the step, so resuming needs only the step number.
 Micro-batches are collated once; a step asked for ahead of time (a teacher that prefetches)
 is kept until the loop takes it. On-policy tokens (the student's own samples) are a
-different source with the same two methods.
+different source with the same methods (:mod:`potstill.training.onpolicy`).
 """
 
 from __future__ import annotations
@@ -32,6 +32,9 @@ class TokenSource:
         batches = self.peek(step)
         self._ready = {s: b for s, b in self._ready.items() if s > step}
         return batches
+
+    def after_step(self) -> None:
+        """Called after each optimizer step (an on-policy source refreshes its sampler's weights)."""
 
     def upcoming(self, step: int, lookahead: int, max_steps: int) -> list[MicroBatch]:
         """The micro-batches of the ``lookahead`` steps after ``step`` (for a teacher's prefetch)."""
