@@ -316,3 +316,19 @@ def test_plan_for_cuda_from_a_cpu_machine(tmp_path, teacher_dir, text_jsonl):
     assert plan["device_type"] == "cuda" and not plan["runtime_measured"]
     assert all(r["estimate"]["parts"]["runtime"] == memory.CUDA_CONTEXT_BYTES for r in plan["rows"])
     assert [(r["strategy"], r["devices"]) for r in plan["rows"]] == [("ddp", 8), ("fsdp", 8)]
+
+
+def test_onpolicy_plans_the_sampled_sequences(tmp_path, teacher_dir, chat_jsonl):
+    """An on-policy run trains on prompt + max_new_tokens, num_completions per prompt: longer and more
+    sequences than the data's; the largest batch_size is counted in prompts."""
+    from potstill.commands.plan import build_plan as plan
+
+    cfg = write_config(tmp_path, teacher_dir, chat_jsonl)
+    base = plan(cfg, ["data.max_length=64"], devices="1", device_memory_gb=8)
+    on = plan(cfg, ["data.max_length=64", "onpolicy.lmbda=1", "onpolicy.max_new_tokens=64",
+                    "onpolicy.num_completions=2"], devices="1", device_memory_gb=8)
+    assert (base["setting"]["seq_len"], on["setting"]["seq_len"]) == (64, 128)
+    assert on["setting"]["batch_size"] == 2 * base["setting"]["batch_size"]
+    assert on["rows"][0]["total"] > base["rows"][0]["total"]
+    # twice the sequences, each twice as long: fewer prompts fit than data examples
+    assert on["rows"][0]["largest_batch_size"] < base["rows"][0]["largest_batch_size"]

@@ -137,6 +137,11 @@ def build_plan(config: str | Path, overrides: list[str] | None = None, *, device
         st = setting if n == 1 or device_type != "cpu" else replace(setting, threads=1)
         rows += plan_rows(models.student, models.teacher, st, [n],
                           lambda k: capacity(k, device_type, device_memory_gb))
+    per_example = cfg.onpolicy.num_completions if cfg.onpolicy.enabled else 1
+    if per_example > 1:  # the estimate counted sequences; train.batch_size counts prompts
+        for r in rows:
+            r.largest_batch //= per_example
+            r.largest_batch_other //= per_example
     return {
         "format": PLAN_FORMAT, "version": 1, "config": str(config), "overrides": list(overrides or []),
         "device_type": device_type, "device_memory_gb": device_memory_gb,

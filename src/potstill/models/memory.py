@@ -711,8 +711,12 @@ def setting_from_config(cfg, models: RunModels, *, device_type: str, runtime: in
     if mixed == "auto":
         mixed = precision == "bf16"
     server = cfg.teacher.server
+    batch, seq_len = cfg.train.batch_size, cfg.data.max_length
+    op = cfg.onpolicy
+    if op.enabled:  # a sampled row: its prompt (shorter than an example) + up to max_new_tokens, n per prompt
+        batch, seq_len = batch * op.num_completions, seq_len + op.max_new_tokens
     return Setting(
-        batch_size=cfg.train.batch_size, seq_len=cfg.data.max_length, precision=precision,
+        batch_size=batch, seq_len=seq_len, precision=precision,
         strategy=cfg.train.strategy, device_type=device_type, grad_accum=cfg.train.grad_accum,
         checkpointing=cfg.student.gradient_checkpointing, teacher=models.teacher_kind, teacher_bytes=teacher_bytes,
         quantization=cfg.teacher.quantization, loss_path=path, kd=kd, ce=lc.ce.weight > 0,
