@@ -7,9 +7,9 @@ An engine outside the training process (a vLLM ``LLM`` on the same GPUs, as TRL'
 to the engine, and ``sync_weights`` pushes the student's new weights to it after every optimizer
 step (the loop calls it; an in-process model needs nothing). Nothing else in the run changes.
 
-Reproducible: every call draws from its own seed (the caller derives it from the run's seed,
-the step and the micro-batch), inside ``torch.random.fork_rng``, so the run's global random
-state is untouched and a resumed run samples exactly what the uninterrupted one did.
+Reproducible: every call draws from its own ``torch.Generator``, seeded by the caller from the
+run's seed, the step and the micro-batch (:func:`sample_seed`); the run's global random state is
+never read, so a resumed run samples exactly what the uninterrupted one did.
 """
 
 from __future__ import annotations
@@ -62,30 +62,34 @@ class ModelSampler(Sampler):
         self.stop_ids, self.pad_id, self.vocab = list(stop_ids), int(pad_id), vocab
         self.autocast, self.synced = autocast, synced
 
-    def logits_processors(self):
+    def logits_processors(self, seed: int):
+        """The vocabulary limit, then (temperature > 0) the draw: see :func:`draw_next`."""
         from transformers import LogitsProcessor, LogitsProcessorList
 
-        class VocabLimit(LogitsProcessor):
-            def __init__(self, n: int):
-                self.n = n
+        vocab, settings = self.vocab, self.settings
+        generator = None
+        if settings.temperature > 0:
+            generator = torch.Generator(device=next(self.model.parameters()).device).manual_seed(seed)
 
+        class Draw(LogitsProcessor):
             def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-                scores[:, self.n:] = float("-inf")
-                return scores
+                if vocab is not None:
+                    scores[:, vocab:] = float("-inf")
+                if generator is None:
+                    return scores  # greedy: generate takes the argmax
+                chosen = draw_next(scores, settings, generator)
+                return torch.full_like(scores, float("-inf")).scatter_(1, chosen[:, None], 0.0)
 
-        return LogitsProcessorList([VocabLimit(self.vocab)] if self.vocab is not None else [])
+        return LogitsProcessorList([Draw()])
 
     def generation_config(self):
         """A fresh GenerationConfig: the model's own generation_config.json (repetition penalties,
         a default top_k of 50, ...) must not change what the run samples."""
         from transformers import GenerationConfig
 
-        s = self.settings
-        sampling = s.temperature > 0
-        return GenerationConfig(
-            max_new_tokens=s.max_new_tokens, do_sample=sampling, use_cache=True,
-            eos_token_id=self.stop_ids, pad_token_id=self.pad_id,
-            **({"temperature": s.temperature, "top_p": s.top_p, "top_k": s.top_k or 0} if sampling else {}))
+        # do_sample=False: generate takes the argmax of what the Draw processor leaves (the drawn token).
+        return GenerationConfig(max_new_tokens=self.settings.max_new_tokens, do_sample=False, use_cache=True,
+                                eos_token_id=self.stop_ids, pad_token_id=self.pad_id)
 
     @torch.no_grad()
     def sample(self, prompts: Sequence[Sequence[int]], *, seed: int) -> list[list[int]]:
@@ -101,17 +105,38 @@ class ModelSampler(Sampler):
             mask[i, width - len(p):] = 1
         was_training = self.model.training
         self.model.eval()
-        forked = [device] if device.type == "cuda" else []
         try:
-            with torch.random.fork_rng(devices=forked), self.autocast():
-                torch.manual_seed(seed)
+            with self.autocast():
                 out = self.model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
                                           generation_config=self.generation_config(), synced_gpus=self.synced,
-                                          logits_processor=self.logits_processors())
+                                          logits_processor=self.logits_processors(seed))
         finally:
             self.model.train(was_training)
         new = out[:, width:].tolist() if prompts else []
         return [cut_at_stop(row, self.stop_ids) for row in new]
+
+
+def draw_next(scores: torch.Tensor, settings: SamplingSettings, generator: torch.Generator) -> torch.Tensor:
+    """One token per row of ``scores`` (B, V) from softmax(scores / temperature), cut to the ``top_k``
+    most likely and to the smallest set holding ``top_p`` of the mass; (B,) int64.
+
+    Drawn by inverting the cumulative distribution (float64) at one uniform per row from
+    ``generator``: exact, and on a CPU several times cheaper than ``torch.multinomial``, which
+    draws an exponential variate for every vocabulary entry (measured: 1 ms of a 3 ms decoding
+    step of a 3M-parameter student, batch 8, V=8192)."""
+    z = scores.float() / settings.temperature
+    if settings.top_k is not None and settings.top_k < z.shape[-1]:
+        kth = torch.topk(z, settings.top_k, dim=-1).values[:, -1:]
+        z = z.masked_fill(z < kth, float("-inf"))
+    probs = torch.softmax(z, dim=-1)
+    if settings.top_p < 1.0:  # keep the most likely tokens up to top_p of the mass (at least one)
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        before = sorted_p.cumsum(-1) - sorted_p  # mass of the strictly more likely tokens
+        sorted_p = sorted_p.masked_fill(before >= settings.top_p, 0.0)
+        probs = torch.zeros_like(probs).scatter_(1, order, sorted_p)
+    cdf = probs.double().cumsum(-1)
+    u = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device, dtype=torch.float64) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_(max=cdf.shape[-1] - 1)
 
 
 def cut_at_stop(row: list[int], stop_ids: Sequence[int]) -> list[int]:
