@@ -40,7 +40,7 @@ from . import checkpoint as ckpt
 from .evaluation import evaluate_models, reduce_sum
 from .metrics import MetricsLogger, peak_memory_mb, read_metrics
 from .objective import step_loss
-from .onpolicy import sample_stats, teacher_nll_of_samples
+from .onpolicy import OnPolicyTokens, evaluate_samples, sample_stats, teacher_nll_of_samples
 from .resume import apply_resume_changes, check_resume_changes
 from .rundir import (
     STUDENT_DIR,
@@ -331,6 +331,11 @@ def evaluate(run: Run, metrics: MetricsLogger, step: int) -> dict[str, float]:
         batch_size=cfg.eval.batch_size or cfg.train.batch_size, device=run.device, teacher=run.teacher.model,
         objective=run.objective, shared_vocab=run.shared_vocab, max_batches=cfg.eval.max_batches,
         autocast=run.autocast, accelerator=run.accelerator, lockstep=run.strategy.lockstep)
+    if isinstance(run.tokens, OnPolicyTokens) and run.teacher.model is not None:  # the student's own completions
+        result.update(evaluate_samples(run.tokens, run.val_ds, run.teacher.model,
+                                       batch_size=cfg.eval.batch_size or cfg.train.batch_size,
+                                       max_batches=cfg.eval.max_batches, autocast=run.autocast,
+                                       accelerator=run.accelerator, lockstep=run.strategy.lockstep))
     metrics.log(step, {f"eval/{k}": v for k, v in result.items()})
     log.info("step %d eval: %s", step, ", ".join(f"{k} {v:.4g}" for k, v in result.items()))
     return result

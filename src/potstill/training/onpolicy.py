@@ -63,8 +63,10 @@ class OnPolicyTokens:
     ``student`` / ``teacher``: their samplers (``teacher`` only with seq_kd)."""
 
     def __init__(self, data: TokenSource, prompts: Prompts, cfg: OnPolicyConfig, *, student: Sampler,
-                 teacher: Sampler | None, seed: int, world_size: int, rank: int, pad_id: int):
+                 teacher: Sampler | None, seed: int, world_size: int, rank: int, pad_id: int,
+                 special_ids: set[int] | None = None):
         self.data, self.prompts, self.cfg = data, prompts, cfg
+        self.special_ids = special_ids or set()
         self.student, self.teacher = student, teacher
         self.seed, self.world_size, self.rank, self.pad_id = seed, world_size, rank, pad_id
         self.device = data.device
@@ -199,7 +201,7 @@ def build_onpolicy_tokens(cfg: DistillConfig, data: TokenSource, train_ds, token
              op.max_new_tokens, op.temperature, prompts.stop_ids)
     return OnPolicyTokens(data, prompts, op, student=sampler(student),
                           teacher=sampler(teacher_model) if op.seq_kd else None, seed=cfg.train.seed,
-                          world_size=world_size, rank=rank, pad_id=pad)
+                          world_size=world_size, rank=rank, pad_id=pad, special_ids=special)
 
 
 # -- what the logs show about the samples ----------------------------------------------------------
@@ -240,3 +242,63 @@ def teacher_nll_of_samples(signal: TeacherSignal, batch: MicroBatch, *, autocast
         t = targets[lo:lo + chunk_rows]
         total += float((torch.logsumexp(z, -1) - z.gather(1, t[:, None]).squeeze(1)).sum())
     return total, float(len(targets))
+
+
+# -- evaluation: what the teacher thinks of the student's own completions ------------------------------
+_EVAL_STREAM = 3
+
+
+@torch.no_grad()
+def evaluate_samples(tokens: OnPolicyTokens, val_ds, teacher, *, batch_size: int, max_batches: int | None,
+                     autocast, accelerator=None, lockstep: bool = False) -> dict[str, float]:
+    """``sample_teacher_nll``: the teacher's per-token NLL of completions the student samples (with
+    the run's sampling settings) for the validation prompts, and ``sample_len``, their mean length.
+    The on-policy quality signal: lower is a student whose own text the teacher finds likelier.
+    Each validation batch draws from the same seed at every evaluation, so the curve compares like
+    with like. Batches are shared out over the processes as :func:`~.evaluation.evaluate_models`
+    does (``lockstep``: extra rounds that sample and score but are not counted). {} when the
+    validation data have no prompts."""
+    from .evaluation import reduce_sum
+
+    try:
+        prompts = find_prompts(val_ds, eos_id=tokens.prompts.stop_ids[0], special_ids=tokens.special_ids,
+                               describe="the validation data")
+    except DataError:
+        return {}
+    rank = accelerator.process_index if accelerator is not None else 0
+    world = accelerator.num_processes if accelerator is not None else 1
+    usable = [i for i in range(len(val_ds)) if prompts.length[i] > 0]
+    batches = [usable[i:i + batch_size] for i in range(0, len(usable), batch_size)][:max_batches]
+    mine = list(enumerate(batches))[rank::world]
+    rounds = -(-len(batches) // world) if lockstep else len(mine)
+    counted = [True] * len(mine) + [False] * (rounds - len(mine))
+    mine = mine + [(0, batches[0])] * (rounds - len(mine)) if batches else mine
+    sums = {"nll": torch.zeros((), dtype=torch.float64), "n": torch.zeros((), dtype=torch.float64),
+            "seqs": torch.zeros((), dtype=torch.float64)}
+    device = tokens.device
+    was_training = teacher.training
+    for (b, idx), count in zip(mine, counted):
+        rows = [val_ds[i]["input_ids"][:prompts.length[i]] for i in idx]
+        done = tokens.student.sample([r.tolist() for r in rows], seed=sample_seed(tokens.seed, -1, b, _EVAL_STREAM))
+        examples = [{"input_ids": torch.cat([r, torch.as_tensor(c, dtype=torch.long)]),
+                     "labels": torch.cat([torch.full_like(r, IGNORE_INDEX), torch.as_tensor(c, dtype=torch.long)])}
+                    for r, c in zip(rows, done)]
+        batch = collate(examples, tokens.pad_id)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        with autocast():
+            logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        if not count:
+            continue
+        mask = batch["labels"][:, 1:] != IGNORE_INDEX
+        rows_logits = logits[:, :-1][mask].float()
+        targets = batch["labels"][:, 1:][mask]
+        sums["nll"] += (torch.logsumexp(rows_logits, -1)
+                        - rows_logits.gather(1, targets[:, None]).squeeze(1)).sum().double().cpu()
+        sums["n"] += float(len(targets))
+        sums["seqs"] += float(len(examples))
+    teacher.train(was_training)
+    totals = reduce_sum(sums, accelerator)
+    if not totals["n"]:
+        return {}
+    # A completion of c tokens predicts c targets after the shift (its first token is predicted from the prompt).
+    return {"sample_teacher_nll": totals["nll"] / totals["n"], "sample_len": totals["n"] / max(totals["seqs"], 1.0)}

@@ -55,6 +55,9 @@ def test_onpolicy_run_trains_on_the_students_samples_and_logs_them(tmp_path, tea
         assert r["time/generate_s"] > 0 and r["time/train_s"] > 0
         assert r["loss/kd"] > 0
     assert (tmp_path / "run" / "student" / "model.safetensors").is_file()
+    # evaluation adds what the teacher thinks of the student's own completions to the validation prompts
+    final = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "eval/ppl" in r][-1]
+    assert final["eval/sample_teacher_nll"] > 0 and 1 <= final["eval/sample_len"] <= NEW_TOKENS
 
 
 def test_every_onpolicy_option_changes_the_run(tmp_path, teacher_dir, chat_jsonl):
