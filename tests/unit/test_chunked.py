@@ -33,6 +33,7 @@ def _small_blocks(monkeypatch):
     monkeypatch.setattr(chunked_mod, "BLOCK_ELEMENTS", {"closed_form": 320, "autograd": 320})
     monkeypatch.setattr(chunked_mod, "HEAD_BLOCK_ELEMENTS", 10 * HS)  # several head blocks,
     monkeypatch.setattr(chunked_mod, "ADD_BLOCK_ELEMENTS", 7 * HS)    # each added in pieces
+    monkeypatch.setattr(chunked_mod, "POOL_MIN_BLOCKS", 1)  # a few blocks already go to the worker pool
 
 
 def _inputs(dtype=torch.float32, *, vs=V, vt=V, n=N, seed=0, bias=True, masked=0.3):

@@ -16,6 +16,7 @@ N, VS, VT = 37, 109, 101  # odd sizes; the student head has 8 padding rows beyon
 @pytest.fixture(autouse=True)
 def _small_blocks(monkeypatch):
     monkeypatch.setattr(chunked_mod, "BLOCK_ELEMENTS", {"closed_form": 320, "autograd": 320})
+    monkeypatch.setattr(chunked_mod, "POOL_MIN_BLOCKS", 1)  # a few blocks already go to the worker pool
 
 
 def _inputs(dtype=torch.float32, seed=0, masked=0.3):

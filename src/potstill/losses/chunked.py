@@ -167,11 +167,19 @@ def _pool(size: int) -> ThreadPoolExecutor:
         return _POOL
 
 
+# At most this many row blocks run inline, on the calling thread. Handing a few blocks to the pool
+# costs more than it saves, and after the pool has run torch ops the process's next matmuls are
+# slower for a while (measured on 2 cores: an on-policy step of the quickstart pair, ~8 blocks of
+# 64 x 8192, took 0.33 s for the loss step and 0.37 s for the next generation with the pool, 0.16
+# and 0.16 s inline; bench/onpolicy.py). Large losses (hundreds of blocks) keep the pool.
+POOL_MIN_BLOCKS = 16
+
+
 def _map_rows(fn, n: int, block: int, workers: int) -> list:
     """``fn(worker, lo, hi)`` over contiguous, ``block``-aligned pieces of ``range(n)``, one
-    piece per worker thread (inline when one worker suffices)."""
+    piece per worker thread (inline when one worker suffices or the blocks are few)."""
     blocks = -(-n // block)
-    if workers <= 1 or blocks <= 1:
+    if workers <= 1 or blocks <= POOL_MIN_BLOCKS:
         return [fn(0, 0, n)]
     per = -(-blocks // min(workers, blocks)) * block
     pieces = [(i, lo, min(lo + per, n)) for i, lo in enumerate(range(0, n, per))]
