@@ -85,6 +85,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(REPO / "src"))
+sys.path.insert(0, str(HERE))
+from fsdp import vm_hwm_mb  # noqa: E402  bench/fsdp.py: a process's peak RSS from /proc (no torch)
 DEMO_TEACHER = REPO / "src" / "potstill" / "assets" / "demo-teacher"
 PLAIN_TEMPLATE = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
 RUNS = ("potstill", "trl", "trl_gkd")
@@ -355,18 +357,6 @@ def child_main(args) -> None:
 
 
 # ------------------------------------------------------------------ launcher
-def vm_hwm_mb(pid: int) -> float | None:
-    """A process's peak resident memory (VmHWM), or None once it is gone."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        return None
-    return None
-
-
 def launch(cmd: list[str], log: Path, *, stop_when=None, timeout: float = 3600) -> dict:
     """Run ``cmd`` in its own process; its wall seconds, exit code, peak RSS (VmHWM polled every
     50 ms, and ``ru_maxrss`` from wait4) and the load averages around it. ``stop_when()``, polled

@@ -141,3 +141,23 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, *fragments: str, co
     for fragment in fragments:
         assert fragment in errors[0], errors[0]
     return errors[0]
+
+
+def kill_at_checkpoint(config_path, run_dir, name: str, timeout: float = 240) -> None:
+    """Start ``potstill distill CONFIG`` and SIGKILL it once ``run_dir/checkpoints/<name>`` (or a later
+    one) exists; fails if the run ends first. Nothing of the student is written by then."""
+    import signal
+    import time
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "potstill", "distill", str(config_path), "--no-progress"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    ckpts = Path(run_dir) / "checkpoints"
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if ckpts.is_dir() and any(p.name >= name for p in ckpts.iterdir() if p.name.startswith("step-")):
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run ended before it could be killed: " + proc.stderr.read().decode()
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()

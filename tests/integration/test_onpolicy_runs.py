@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -18,7 +16,7 @@ from safetensors.torch import load_file
 
 import potstill
 from potstill.training.metrics import read_metrics
-from tiny import assert_one_line_error, run_cli, run_config, run_torchrun_distill
+from tiny import assert_one_line_error, kill_at_checkpoint, run_cli, run_config, run_torchrun_distill
 
 NEW_TOKENS = 10
 
@@ -98,17 +96,7 @@ def test_killed_onpolicy_run_resumes_to_the_same_samples_and_weights(tmp_path, t
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(cfg))
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "potstill", "distill", str(path), "--no-progress"],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    ckpts = tmp_path / "killed" / "checkpoints"
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        if ckpts.is_dir() and any(p.name >= "step-000006" for p in ckpts.iterdir() if p.name.startswith("step-")):
-            break
-        time.sleep(0.02)
-    assert proc.poll() is None, "the run ended before it could be killed: " + proc.stderr.read().decode()
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_at_checkpoint(path, tmp_path / "killed", "step-000006")
     assert not (tmp_path / "killed" / "student").exists()
     resumed = subprocess.run([sys.executable, "-m", "potstill", "distill", str(path), "train.resume=auto",
                               "--no-progress"], env=env, capture_output=True, text=True, timeout=400)

@@ -5,10 +5,8 @@ from __future__ import annotations
 import functools
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -20,7 +18,7 @@ import potstill
 import potstill.training.checkpoint
 from potstill.errors import DivergedError
 from potstill.training.metrics import read_metrics
-from tiny import run_config
+from tiny import kill_at_checkpoint, run_config
 
 
 def _config(out: Path, teacher_dir: Path, data: Path, **train) -> dict:
@@ -98,17 +96,7 @@ def test_killed_run_resumes_to_the_same_result(tmp_path, teacher_dir, text_jsonl
     cfg_path = tmp_path / "run.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg))
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "potstill", "distill", str(cfg_path), "--no-progress"],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    ckpts = tmp_path / "killed" / "checkpoints"
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        if ckpts.is_dir() and any(p.name >= "step-000004" for p in ckpts.iterdir() if p.name.startswith("step-")):
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, "the run ended before it could be killed: " + proc.stderr.read().decode()
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_at_checkpoint(cfg_path, tmp_path / "killed", "step-000004")
     assert not (tmp_path / "killed" / "student").exists()
 
     resumed = subprocess.run([sys.executable, "-m", "potstill", "distill", str(cfg_path), "train.resume=auto",
