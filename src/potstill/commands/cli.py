@@ -275,6 +275,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     setup_logging(args.debug)
     try:
+        return run_command(args)
+    finally:
+        close_process_group()
+
+
+def run_command(args) -> int:
+    """The command's exit code; a PotstillError is one line and its code."""
+    try:
         return int(args.func(args) or 0)
     except PotstillError as err:
         if args.debug:
@@ -285,6 +293,19 @@ def main(argv: list[str] | None = None) -> int:
         print("potstill: interrupted; a run continues from its last checkpoint with train.resume=auto",
               file=sys.stderr)
         return 130
+
+
+def close_process_group() -> None:
+    """Under torchrun, tear down the process group before the interpreter exits: left to exit-time
+    destructors, gloo's threads can abort a finished worker ("terminate called without an active
+    exception", exit -6) after the run has saved everything."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception:  # noqa: BLE001 - a peer already gone: nothing left to tear down
+            pass
 
 
 if __name__ == "__main__":  # pragma: no cover
