@@ -52,12 +52,17 @@ def cache_root(cfg) -> Path:
     return Path(root).expanduser()
 
 
-def build_datasets(cfg, tokenizer, *, seed: int = 0, progress: bool = True
+def build_datasets(cfg, tokenizer, *, seed: int = 0, progress: bool = True, label: str | None = None
                    ) -> tuple[TokenizedDataset, TokenizedDataset | None]:
-    """Train and validation datasets (validation None when there is none to make)."""
+    """Train and validation datasets (validation None when there is none to make).
+
+    ``label``: what the first dataset is called in logs and progress bars when it is not
+    training data (e.g. "test", "evaluation"); the cache is the same either way."""
     require_eos(tokenizer)
     builder = _Builder(cfg, tokenizer, progress)
-    built = {p.role: builder.build(p.role, p.source, p.plan, p.select) for p in plan_datasets(cfg, seed)}
+    shown = {"train": label} if label else {}
+    built = {p.role: builder.build(p.role, p.source, p.plan, p.select, shown=shown.get(p.role))
+             for p in plan_datasets(cfg, seed)}
     return built["train"], built.get("validation")
 
 
@@ -137,12 +142,13 @@ class _Builder:
         return h.hexdigest()
 
     def build(self, role: str, source: RawSource, plan: str,
-              select: Callable[[], np.ndarray] | None = None) -> TokenizedDataset:
+              select: Callable[[], np.ndarray] | None = None, shown: str | None = None) -> TokenizedDataset:
         fp = self.fingerprint(role, source, plan)
+        shown = shown or role
         t0 = time.perf_counter()
         ds = load_cache(self.root, fp, vocab_size=len(self.tok))
         if ds is not None:
-            _summary(role, ds, f"cache hit {ds.cache_path}", time.perf_counter() - t0)
+            _summary(shown, ds, f"cache hit {ds.cache_path}", time.perf_counter() - t0)
             return ds
         rows = source.rows()
         if len(rows) == 0:
@@ -151,13 +157,13 @@ class _Builder:
         if select is not None:
             rows = rows.select(row_ids)
         enc = formats.tokenize_rows(rows, self.cfg, self.tok, where=source.where, describe=source.describe,
-                                    row_ids=row_ids, progress=self.progress, desc=f"tokenizing {role}")
+                                    row_ids=row_ids, progress=self.progress, desc=f"tokenizing {shown}")
         if int(enc.loss.sum(dtype=np.int64)) == 0:
-            raise DataError(f"the {role} data from {source.describe} is empty after formatting: {_why_empty(enc)}")
+            raise DataError(f"the {shown} data from {source.describe} is empty after formatting: {_why_empty(enc)}")
         ds = make_dataset(enc, fingerprint=fp, max_length=self.cfg.max_length, packing=self.cfg.packing,
-                          role=role, describe=source.describe, cache_root=self.root)
+                          role=shown, describe=source.describe, cache_root=self.root)
         where = f"cache miss, wrote {ds.cache_path}" if ds.cache_path else "cache miss, not cached"
-        _summary(role, ds, where, time.perf_counter() - t0)
+        _summary(shown, ds, where, time.perf_counter() - t0)
         return ds
 
 

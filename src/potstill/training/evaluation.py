@@ -1,4 +1,4 @@
-"""Evaluation: perplexity, teacher-student divergence and top-1 agreement.
+"""Evaluation: perplexity, bits per byte, teacher-student divergence and top-1 agreement.
 
 ``evaluate_models`` is what the training loop calls every ``eval.every`` steps, and what
 ``potstill evaluate`` (:mod:`potstill.commands.evaluate`) runs on a finished run or any model.
@@ -49,13 +49,17 @@ def evaluate_models(
     accelerator=None,
     progress: bool = False,
     lockstep: bool = False,
+    tokenizer: Any = None,
+    desc: str = "eval",
 ) -> dict[str, float]:
     """Score the student (and its agreement with the teacher) on ``dataset``.
 
     Returns ``ce`` and ``ppl`` of the student; with a teacher also ``teacher_ce``,
     ``teacher_ppl``, ``kl`` (forward KL(teacher || student) at temperature 1, per token)
     and ``agreement`` (fraction of tokens where both models' top-1 prediction is the same);
-    with an objective also ``kd`` (the configured divergence, per token). Every process
+    with an objective also ``kd`` (the configured divergence, per token). With ``tokenizer``
+    also ``bpb`` (and ``teacher_bpb``): bits per UTF-8 byte of the scored text
+    (:func:`scored_bytes`), which compares models whatever their tokenizers. Every process
     takes its own slice of the data; sums are reduced before dividing. ``lockstep``: every
     process runs as many forwards as the busiest one (FSDP gathers weights with collectives);
     the extra ones repeat a batch and are not counted.
@@ -73,11 +77,13 @@ def evaluate_models(
     was_training = student.training
     student.eval()
     sums = {k: torch.zeros((), dtype=torch.float64) for k in ("ce", "n")}
+    if tokenizer is not None:
+        sums["bytes"] = torch.zeros((), dtype=torch.float64)
     if teacher is not None:
         sums.update({k: torch.zeros((), dtype=torch.float64) for k in ("teacher_ce", "kl", "agree")})
     if objective is not None and teacher is not None and objective.needs_teacher:
         sums["kd"] = torch.zeros((), dtype=torch.float64)
-    for idx, count in tqdm(list(zip(mine, counted)), desc="eval", disable=not progress, leave=False):
+    for idx, count in tqdm(list(zip(mine, counted)), desc=desc, disable=not progress, leave=False):
         batch = collate([dataset[i] for i in idx], pad_token_id)
         batch = {k: v.to(device) for k, v in batch.items()}
         if not count:
@@ -88,6 +94,8 @@ def evaluate_models(
         ce, n = cross_entropy(s, targets)
         sums["ce"] += ce.double().cpu()
         sums["n"] += n.double().cpu()
+        if "bytes" in sums:
+            sums["bytes"] += scored_bytes(tokenizer, targets, mask)
         if teacher is None:
             continue
         with autocast():
@@ -107,14 +115,43 @@ def evaluate_models(
         student.train()
     totals = reduce_sum(sums, accelerator)
     n = max(totals.pop("n"), 1.0)
+    n_bytes = totals.pop("bytes", 0.0)
     out = {"ce": totals["ce"] / n}
     out["ppl"] = math.exp(min(out["ce"], 50.0))
+    if n_bytes > 0:
+        out["bpb"] = totals["ce"] / (math.log(2) * n_bytes)
     if teacher is not None:
         out["teacher_ce"] = totals["teacher_ce"] / n
         out["teacher_ppl"] = math.exp(min(out["teacher_ce"], 50.0))
+        if n_bytes > 0:
+            out["teacher_bpb"] = totals["teacher_ce"] / (math.log(2) * n_bytes)
         out["kl"] = totals["kl"] / n
         out["agreement"] = totals["agree"] / n
     if "kd" in totals:
         out["kd"] = totals["kd"] / n
     out["tokens"] = n
+    if n_bytes > 0:
+        out["bytes"] = n_bytes
     return out
+
+
+def scored_bytes(tokenizer, targets: torch.Tensor, mask: torch.Tensor) -> float:
+    """UTF-8 bytes of the text the scored tokens spell.
+
+    targets, mask: [batch, seq] (the shifted labels and which of them count). Each run of
+    consecutive scored tokens is decoded as one piece (special tokens spell nothing), so a
+    character split over several byte-level tokens counts once. Dividing the summed
+    negative log-likelihood by ``ln 2`` times this gives bits per byte: a figure two models
+    with different tokenizers share, where their perplexities (per token) are not comparable.
+    """
+    total = 0
+    ids, keep = targets.cpu().tolist(), mask.cpu().tolist()
+    for row_ids, row_keep in zip(ids, keep):
+        run: list[int] = []
+        for token, counted in zip(row_ids + [0], row_keep + [False]):  # a sentinel closes the last run
+            if counted:
+                run.append(token)
+            elif run:
+                total += len(tokenizer.decode(run, skip_special_tokens=True).encode("utf-8"))
+                run = []
+    return float(total)
