@@ -334,6 +334,26 @@ class EvalConfig(_Section):
     every: int | None = Field(None, ge=1, le=MAX_COUNT, description="steps between evaluations; always evaluated at the end")
     max_batches: int | None = Field(None, ge=1, le=MAX_COUNT, description="cap on validation batches per evaluation")
     batch_size: int | None = Field(None, ge=1, le=MAX_COUNT, description="default: train.batch_size")
+    at_start: bool = Field(True, description="also evaluate before the first step: the student-before point of "
+                                             "the curves, the report and the model card")
+    tasks: list[str] = Field(default_factory=list, description="lm-evaluation-harness tasks run on the student "
+                                                               "at the start and the end, e.g. [hellaswag, mmlu] "
+                                                               "(needs potstill[eval])")
+    task_paths: list[str] = Field(default_factory=list, description="folders of local lm-eval task YAMLs "
+                                                                    "(offline tasks on local data files)")
+    tasks_every: int | None = Field(None, ge=1, le=MAX_COUNT, description="also run eval.tasks every N steps")
+    task_limit: int | None = Field(None, ge=1, le=MAX_COUNT, description="examples per task (default: all)")
+    task_fewshot: int | None = Field(None, ge=0, le=1024, description="few-shot examples (default: each task's own)")
+    tasks_teacher: bool = Field(True, description="also score the teacher on eval.tasks once, for comparison")
+
+    @model_validator(mode="after")
+    def _task_names(self) -> "EvalConfig":
+        for name in self.tasks:
+            if not name.strip() or "," in name:
+                raise ValueError(f"eval.tasks: {name!r} is not one task name: give a list, e.g. [hellaswag, mmlu]")
+        if self.tasks_every is not None and not self.tasks:
+            raise ValueError("eval.tasks_every is set but eval.tasks is empty: name the tasks to run")
+        return self
 
 
 class OutputConfig(_Section):
@@ -341,6 +361,11 @@ class OutputConfig(_Section):
     overwrite: bool = Field(False, description="start a fresh run in a folder that holds one of potstill's runs "
                                                    "(deletes only that run's files; never the run's own inputs)")
     tensorboard: bool = Field(True, description="write TensorBoard logs to <dir>/tensorboard")
+    report: bool = Field(True, description="at the end: plots and report.md in <dir>/report, the model card "
+                                           "<dir>/student/README.md")
+    push_to_hub: str | None = Field(None, min_length=1, description="at the end, upload student/ (card included) "
+                                                                    "to this Hub repository, e.g. me/tiny-student")
+    hub_private: bool = Field(True, description="push_to_hub: create the repository private")
 
 
 class CacheConfig(_Section):
@@ -413,6 +438,13 @@ class DistillConfig(_Section):
             raise ValueError("student.from_teacher needs the teacher's weights, which a served teacher keeps in its "
                              "server: give student.name_or_path or student.config")
         self._onpolicy_checks()
+        if self.output.push_to_hub and not self.output.report:
+            raise ValueError("output.push_to_hub uploads student/ with the model card that output.report writes: "
+                             "keep output.report=true")
+        if self.eval.tasks and self.train.strategy == "fsdp":
+            raise ValueError("eval.tasks runs lm-eval on a whole model in one process, and train.strategy=fsdp keeps "
+                             "shards: drop eval.tasks and score the saved student afterwards with "
+                             "potstill evaluate RUN --tasks ...")
         if self.student.from_teacher is not None and self.teacher.name_or_path is None and self.teacher.server is None:
             raise ValueError("student.from_teacher needs teacher.name_or_path (a teacher cache holds no weights): "
                              "give student.name_or_path or student.config")

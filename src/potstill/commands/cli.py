@@ -55,13 +55,19 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     # Before anything loads: a bad count or an unwritable --json must not cost a model load.
     check_arguments(batch_size=args.batch_size, max_length=args.max_length, max_batches=args.max_batches,
-                    precision=args.precision)
+                    precision=args.precision, task_limit=args.task_limit, task_fewshot=args.task_fewshot)
     if args.json:
         check_output_file(args.json, "--json")
+    tasks = [t.strip() for t in (args.tasks or "").split(",") if t.strip()]
     result = evaluate(args.model, teacher=args.teacher, data=args.data, split=args.split,
                       max_length=args.max_length, batch_size=args.batch_size, max_batches=args.max_batches,
-                      precision=args.precision, progress=not args.no_progress)
-    print(format_table({"model": result}))
+                      precision=args.precision, packing=args.packing, tasks=tasks, task_paths=args.task_dir or [],
+                      task_limit=args.task_limit, task_fewshot=args.task_fewshot, progress=not args.no_progress)
+    text = {k: v for k, v in result.items() if "/" not in k}
+    if text:
+        print(format_table({"model": text}))
+    if any("/" in k for k in result):
+        print(format_task_table(result))
     if args.json:
         atomic_write_text(args.json, json.dumps(result, indent=2))
     return 0
@@ -126,9 +132,24 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def format_task_table(result: dict[str, float]) -> str:
+    """lm-eval scores as a plain-text table: one row per task and metric, the model's and the teacher's."""
+    rows: dict[str, dict[str, float]] = {}
+    for key, value in result.items():
+        for prefix, who in (("tasks/", "model"), ("teacher_tasks/", "teacher")):
+            if key.startswith(prefix):
+                rows.setdefault(key[len(prefix):], {})[who] = value
+    width = max(len(name) for name in rows) + 2
+    lines = ["task/metric".ljust(width) + "model".rjust(10) + "teacher".rjust(10)]
+    for name, r in rows.items():
+        lines.append(name.ljust(width) + "".join(f"{r[w]:10.4f}" if w in r else "-".rjust(10)
+                                                 for w in ("model", "teacher")))
+    return "\n".join(lines)
+
+
 def format_table(rows: dict[str, dict[str, float]]) -> str:
     """A plain-text table: one row per model, one column per metric."""
-    cols = [c for c in ("ppl", "ce", "kl", "agreement", "kd", "teacher_ppl", "tokens")
+    cols = [c for c in ("ppl", "ce", "bpb", "kl", "agreement", "kd", "teacher_ppl", "teacher_bpb", "tokens")
             if any(c in r for r in rows.values())]
     width = max(len(name) for name in rows) + 2
     lines = ["".ljust(width) + "".join(c.rjust(13) for c in cols)]
@@ -189,13 +210,23 @@ def build_parser() -> argparse.ArgumentParser:
                                    "readable by data.source directly. Continues a stopped run.")
     add_config_arguments(p, "generate.output=runs/gen.jsonl", cmd_generate)
 
-    p = sub.add_parser("evaluate", parents=[common], help="perplexity, teacher-student KL and agreement of a model or run",
-                       description="Evaluate a run directory (uses its validation data and teacher) or a model "
-                                   "folder on --data.")
+    p = sub.add_parser("evaluate", parents=[common],
+                       help="perplexity, bits per byte, KL and agreement, lm-eval tasks of a model or run",
+                       description="Evaluate a run directory (uses its validation data, teacher and eval.tasks) or "
+                                   "a model folder on --data and/or --tasks (lm-evaluation-harness: hub tasks by name, "
+                                   "local task YAMLs with --task-dir).")
     p.add_argument("model", help="run directory or model folder / hub id")
-    p.add_argument("--teacher", help="teacher model folder or hub id (for KL and agreement)")
+    p.add_argument("--teacher", help="teacher model folder or hub id (for KL, agreement, and its own scores)")
     p.add_argument("--data", help="dataset: file, glob, folder or hub name (default: the run's validation split)")
     p.add_argument("--split", help="hub dataset split (default: train)")
+    p.add_argument("--packing", action="store_true",
+                   help="--data: pack examples into blocks of --max-length (the last partial block is dropped); "
+                        "default: each example in its own row, every token scored")
+    p.add_argument("--tasks", help="lm-eval tasks, comma-separated, e.g. hellaswag,arc_easy (needs potstill[eval])")
+    p.add_argument("--task-dir", action="append", metavar="DIR",
+                   help="a folder of local lm-eval task YAMLs (repeatable), e.g. examples/lm-eval-tasks")
+    p.add_argument("--task-limit", type=int, help="examples per task (default: all)")
+    p.add_argument("--task-fewshot", type=int, help="few-shot examples (default: each task's own)")
     p.add_argument("--max-length", type=int, help="tokens per sequence (default: the run's, else 1024)")
     p.add_argument("--batch-size", type=int, help="default: the run's, else 8")
     p.add_argument("--max-batches", type=int)

@@ -1,16 +1,19 @@
-"""``potstill evaluate``: score a finished run, a model folder or a model object on a dataset.
+"""``potstill evaluate``: score a finished run, a model folder or a model object.
 
-Perplexity of the model; with a teacher, the teacher's perplexity, KL(teacher || model) and
-top-1 agreement (:func:`potstill.training.evaluation.evaluate_models`).
+On text: perplexity and bits per byte of the model; with a teacher, the teacher's too,
+KL(teacher || model) and top-1 agreement (:func:`potstill.training.evaluation.evaluate_models`).
+On tasks: any lm-evaluation-harness task, by name or from local task YAMLs
+(:mod:`potstill.training.tasks`), for the model and the teacher.
 
 Cheap before costly: the arguments are checked, then the model folders (without their
-weights), the tokenizer and the data, and only then are the models loaded.
+weights), the tokenizer, the tasks and the data, and only then are the models loaded.
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -24,6 +27,8 @@ from ..models.teacher_model import load_teacher
 from ..models.vocab import check_vocab
 from ..training.evaluation import evaluate_models
 
+log = logging.getLogger("potstill")
+
 
 def evaluate(
     model: str | Path | nn.Module,
@@ -36,22 +41,44 @@ def evaluate(
     batch_size: int | None = None,
     max_batches: int | None = None,
     precision: str | None = None,
+    packing: bool = False,
+    tasks: Sequence[str] = (),
+    task_paths: Sequence[str | Path] = (),
+    task_limit: int | None = None,
+    task_fewshot: int | None = None,
+    seed: int = 0,
     progress: bool = True,
 ) -> dict[str, float]:
     """Evaluate a model folder, a finished run directory, or a model object.
 
     For a run directory (one that holds ``config.yaml`` and ``student/``) the run's
-    validation data, teacher, precision and batch size are used unless given here.
+    validation data, teacher, precision, batch size and ``eval.tasks`` are used unless given here.
+    ``data``: evaluate on this instead, each example in its own row (``packing=True`` packs
+    them into blocks of ``max_length``, dropping the last partial block). The result is flat:
+    ``ce``, ``ppl``, ``bpb``, ``tokens`` (scored), ``bytes``, the teacher's and the pair's
+    metrics, and ``tasks/<task>/<metric>`` (``teacher_tasks/...``) for each task.
     """
-    check_arguments(batch_size=batch_size, max_length=max_length, max_batches=max_batches, precision=precision)
+    check_arguments(batch_size=batch_size, max_length=max_length, max_batches=max_batches, precision=precision,
+                    task_limit=task_limit, task_fewshot=task_fewshot)
     model, run_cfg = resolve_model(model)
     teacher_ref = teacher if teacher is not None else (run_cfg.teacher.name_or_path if run_cfg else None)
     teacher_ref = str(teacher_ref) if isinstance(teacher_ref, Path) else teacher_ref
     check_model_ref(model, "model")
     if teacher_ref is not None:
         check_model_ref(teacher_ref, "teacher")
-    if data is None and run_cfg is None:
-        raise ConfigError("evaluate needs --data (or data=), or a run directory whose config names its data")
+    tasks, task_paths = list(tasks), [str(p) for p in task_paths]
+    if not tasks and run_cfg is not None and data is None:
+        tasks, task_paths = list(run_cfg.eval.tasks), list(run_cfg.eval.task_paths)
+        task_limit = task_limit if task_limit is not None else run_cfg.eval.task_limit
+        task_fewshot = task_fewshot if task_fewshot is not None else run_cfg.eval.task_fewshot
+    if task_paths and not tasks:
+        raise ConfigError("evaluate --task-dir names where local tasks live: give --tasks too (e.g. --tasks my_task)")
+    if tasks:
+        from ..training.tasks import check_tasks
+
+        check_tasks(tasks, task_paths)
+    if data is None and run_cfg is None and not tasks:
+        raise ConfigError("evaluate needs --data (or data=), --tasks, or a run directory whose config names its data")
     if precision is None:
         precision = run_cfg.train.precision if run_cfg else "auto"
     if batch_size is None:
@@ -64,14 +91,10 @@ def evaluate(
         if tokenizer is None:
             raise ConfigError("evaluate(model=<object>) needs tokenizer=")
     tok = load_tokenizer(str(tokenizer) if isinstance(tokenizer, Path) else tokenizer, role="model")
-    if data is not None:
-        d_cfg = DataConfig(source=data, split=split or "train", validation_fraction=0.0,
-                           max_length=max_length or (run_cfg.data.max_length if run_cfg else 1024))
-        dataset, _ = build_datasets(d_cfg, tok, progress=progress)
-    else:
-        _, dataset = build_datasets(run_cfg.data, tok, seed=run_cfg.train.seed, progress=progress)
-        if dataset is None:
-            raise ConfigError("the run has no validation split: pass --data (or data=)")
+    dataset = None
+    if data is not None or run_cfg is not None:
+        dataset = evaluation_data(tok, data=data, split=split, run_cfg=run_cfg, max_length=max_length,
+                                  packing=packing, progress=progress, required=not tasks)
 
     student = load_causal_lm(model, revision=None, dtype=torch.float32, trust_remote_code=False, role="model")
     student = freeze(student).to(device)
@@ -82,20 +105,68 @@ def evaluate(
         t_model, t_tok = load_teacher(t_cfg, dtype=t_dtype)
         t_model = t_model.to(device)
         shared = check_vocab(t_model, t_tok, student, tok).shared
-    return evaluate_models(student, dataset, pad_token_id=tok.pad_token_id, batch_size=batch_size, device=device,
-                           teacher=t_model, shared_vocab=shared, max_batches=max_batches,
-                           autocast=autocast_context(precision, device), progress=progress)
+    autocast = autocast_context(precision, device)
+    result: dict[str, float] = {}
+    if dataset is not None:
+        result = evaluate_models(student, dataset, pad_token_id=tok.pad_token_id, batch_size=batch_size, device=device,
+                                 teacher=t_model, shared_vocab=shared, max_batches=max_batches, autocast=autocast,
+                                 progress=progress, tokenizer=tok)
+        log.info("scored %d tokens (%d bytes) of %s; %s", int(result["tokens"]), int(result.get("bytes", 0)),
+                 describe_items(dataset), describe_losses(dataset))
+    if tasks:
+        from ..training.tasks import flatten_task_metrics, run_tasks
+
+        scored = [("tasks/", student)] + ([("teacher_tasks/", t_model)] if t_model is not None else [])
+        for prefix, m in scored:
+            with autocast():
+                scores = run_tasks(m, tok, tasks, task_paths=task_paths, limit=task_limit, num_fewshot=task_fewshot,
+                                   batch_size=batch_size, max_length=max_length, device=device, seed=seed,
+                                   progress=progress)
+            result.update({prefix + k: v for k, v in flatten_task_metrics(scores).items()})
+    return result
+
+
+def evaluation_data(tok, *, data, split, run_cfg, max_length, packing: bool, progress: bool, required: bool):
+    """The text to score: ``data`` (each example its own row unless ``packing``), else the run's
+    validation split (as the run built it; None if it has none and not ``required``)."""
+    if data is not None:
+        d_cfg = DataConfig(source=data, split=split or "train", validation_fraction=0.0, packing=packing,
+                           max_length=max_length or (run_cfg.data.max_length if run_cfg else 1024))
+        dataset, _ = build_datasets(d_cfg, tok, progress=progress, label="evaluation")
+        return dataset
+    _, dataset = build_datasets(run_cfg.data, tok, seed=run_cfg.train.seed, progress=progress)
+    if dataset is None and required:
+        raise ConfigError("the run has no validation split: pass --data (or data=), or --tasks")
+    return dataset
+
+
+def describe_items(dataset) -> str:
+    """'412 examples' or '30 blocks of 256 tokens'."""
+    return f"{len(dataset)} blocks of {dataset.max_length} tokens" if dataset.packing else f"{len(dataset)} examples"
+
+
+def describe_losses(dataset) -> str:
+    """What tokenizing and packing left out of the data, from the dataset's own counts."""
+    s = dataset.stats
+    notes = []
+    if s.get("dropped_tokens"):
+        why = "the last partial block (packing)" if dataset.packing else "truncation to --max-length"
+        notes.append(f"{s['dropped_tokens']} tokens dropped by {why}")
+    if s.get("truncated"):
+        notes.append(f"{s['truncated']} examples truncated")
+    return ", ".join(notes) if notes else "nothing dropped"
 
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 
 
 def check_arguments(*, batch_size: int | None, max_length: int | None, max_batches: int | None,
-                    precision: str | None) -> None:
+                    precision: str | None, task_limit: int | None = None, task_fewshot: int | None = None) -> None:
     """Counts that are whole numbers in range, before anything loads: a batch size of 0 would
     otherwise evaluate nothing and report made-up metrics."""
     limits = (("--batch-size", batch_size, 1, MAX_COUNT), ("--max-length", max_length, 8, MAX_TOKENS),
-              ("--max-batches", max_batches, 1, MAX_COUNT))
+              ("--max-batches", max_batches, 1, MAX_COUNT), ("--task-limit", task_limit, 1, MAX_COUNT),
+              ("--task-fewshot", task_fewshot, 0, 1024))
     for flag, value, low, high in limits:
         if value is None:
             continue

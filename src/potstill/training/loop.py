@@ -21,6 +21,7 @@ loss form applies (:meth:`potstill.training.objective.Objective.compute`).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -111,9 +112,13 @@ def run_steps(run: Run, resume_from: Path | None, saved: dict, changes: dict, pr
         metrics = MetricsLogger(run_dir, enabled=run.is_main, tensorboard=run.cfg.output.tensorboard,
                                 resume_step=start_step if resume_from is not None else None)
         last_good = ckpt.latest_checkpoint(run_dir)
+        step_log = StepLog(run, metrics, start_step, progress)
         with StopRequest() as stop:
-            train_metrics = train_steps(run, metrics, start_step, last_good, stop, progress)
-        return finish(run, metrics, train_metrics,
+            if resume_from is None:
+                with step_log.paused("eval"):
+                    evaluate_start(run, metrics, progress)
+            train_steps(run, step_log, start_step, last_good, stop)
+        return finish(run, metrics, step_log, progress,
                       resumed_at_end=resume_from is not None and start_step == run.max_steps)
 
 
@@ -129,13 +134,12 @@ def share_resume_point(resume_from: Path | None, accelerator) -> Path | None:
     return resume_from
 
 
-def train_steps(run: Run, metrics: MetricsLogger, start_step: int, last_good: Path | None, stop: StopRequest,
-                progress: bool) -> dict[str, float]:
+def train_steps(run: Run, step_log: "StepLog", start_step: int, last_good: Path | None, stop: StopRequest) -> None:
     """The optimizer steps from ``start_step`` to the end, with evaluation and checkpoints on their cadence;
     after each step, stops cleanly (checkpoint, :class:`~potstill.errors.StoppedError`) if asked to.
-    Returns the last training record (mean loss terms, lr, tokens/s, ...)."""
-    cfg = run.cfg
-    step_log = StepLog(run, metrics, start_step, progress)
+    ``step_log`` keeps the records (its last one: mean loss terms, lr, tokens/s, ...); the time spent
+    evaluating and checkpointing is not training time, so it is left out of tokens/s."""
+    cfg, metrics, progress = run.cfg, step_log.metrics, step_log.progress
     run.student.train()
     try:
         for step in range(start_step, run.max_steps):
@@ -153,10 +157,15 @@ def train_steps(run: Run, metrics: MetricsLogger, start_step: int, last_good: Pa
             done = step + 1
             step_log.add(done, sums, grad_norm)
             if cfg.eval.every and done % cfg.eval.every == 0 and done != run.max_steps:
-                evaluate(run, metrics, done)
+                with step_log.paused("eval"):
+                    evaluate(run, metrics, done, progress)
+            if cfg.eval.tasks_every and done % cfg.eval.tasks_every == 0 and done != run.max_steps:
+                with step_log.paused("eval"):
+                    evaluate_tasks(run, metrics, done, progress)
             saved = cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0
             if saved and done != run.max_steps:
-                last_good = save_checkpoint(run, done)
+                with step_log.paused("checkpoint"):
+                    last_good = save_checkpoint(run, done)
             if done != run.max_steps and stop.agreed(run.accelerator):
                 if not saved:
                     step_log.flush(done)
@@ -165,7 +174,6 @@ def train_steps(run: Run, metrics: MetricsLogger, start_step: int, last_good: Pa
                                    "continue with the same command and train.resume=auto")
     finally:
         step_log.close()
-    return step_log.train_metrics
 
 
 def make_accelerator(precision: str):
@@ -269,6 +277,39 @@ class StepLog:
         self.window_start = time.perf_counter()
         self.train_metrics: dict[str, float] = {}
         self.grad_norm = 0.0
+        self.progress = progress
+        # Whole-run totals of this session (a resumed run counts from its resume): tokens/s over all
+        # of training, and where the rest of the wall time went.
+        self.started = time.perf_counter()
+        self.totals = {"steps": 0.0, "tokens": 0.0, "train_time_s": 0.0, "eval_time_s": 0.0,
+                       "checkpoint_time_s": 0.0}
+
+    @contextlib.contextmanager
+    def paused(self, what: str):
+        """Time spent in ``what`` ('eval' or 'checkpoint') is not training: it moves the window's
+        start forward, so tokens/s and step time count only the steps, and adds to its own total."""
+        started = time.perf_counter()
+        shown = None if self.bar.disable else self.bar.postfix
+        if not self.bar.disable:
+            self.bar.set_postfix_str(f"{what}...", refresh=True)  # the bar says why it stopped moving
+        try:
+            yield
+        finally:
+            if not self.bar.disable:
+                self.bar.set_postfix_str(shown or "", refresh=True)
+            spent = time.perf_counter() - started
+            self.window_start += spent
+            self.totals[f"{what}_time_s"] += spent
+
+    def overall(self) -> dict[str, float]:
+        """The session's training totals: steps, tokens (all processes), tokens/s and step time over
+        the training time alone, the time spent evaluating and checkpointing, the wall time, peak memory."""
+        t = dict(self.totals)
+        t["tokens_per_s"] = t["tokens"] / t["train_time_s"] if t["train_time_s"] > 0 else 0.0
+        t["step_time_s"] = t["train_time_s"] / t["steps"] if t["steps"] else 0.0
+        t["wall_time_s"] = time.perf_counter() - self.started
+        t["peak_mem_mb"] = peak_memory_mb(self.run.device)
+        return t
 
     def add(self, done: int, sums: dict[str, torch.Tensor], grad_norm: float) -> None:
         n_valid = float(sums.pop("n_valid"))
@@ -296,6 +337,9 @@ class StepLog:
     def _log(self, done: int, grad_norm: float) -> None:
         elapsed = time.perf_counter() - self.window_start
         steps_in, tokens = self.window.pop("steps"), self.window.pop("tokens")
+        self.totals["steps"] += steps_in
+        self.totals["tokens"] += tokens
+        self.totals["train_time_s"] += elapsed
         m = {k: v / steps_in for k, v in self.window.items()}
         m.update({"lr": self.run.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                   "tokens_per_s": tokens / elapsed, "step_time_s": elapsed / steps_in,
@@ -321,7 +365,15 @@ class StepLog:
         self.bar.close()
 
 
-def evaluate(run: Run, metrics: MetricsLogger, step: int) -> dict[str, float]:
+def evaluate_start(run: Run, metrics: MetricsLogger, progress: bool) -> None:
+    """Before the first step of a fresh run: the student-before point of the validation curves
+    (``eval.at_start``) and of the task scores, and the teacher's task scores for reference."""
+    if run.cfg.eval.at_start:
+        evaluate(run, metrics, 0, progress)
+        evaluate_tasks(run, metrics, 0, progress, with_teacher=True)
+
+
+def evaluate(run: Run, metrics: MetricsLogger, step: int, progress: bool = False) -> dict[str, float]:
     """Validation metrics of the student (and against the teacher, where one is loaded)."""
     if run.val_ds is None:
         return {}
@@ -330,7 +382,8 @@ def evaluate(run: Run, metrics: MetricsLogger, step: int) -> dict[str, float]:
         run.raw_student, run.val_ds, pad_token_id=run.tokenizer.pad_token_id,
         batch_size=cfg.eval.batch_size or cfg.train.batch_size, device=run.device, teacher=run.teacher.model,
         objective=run.objective, shared_vocab=run.shared_vocab, max_batches=cfg.eval.max_batches,
-        autocast=run.autocast, accelerator=run.accelerator, lockstep=run.strategy.lockstep)
+        autocast=run.autocast, accelerator=run.accelerator, lockstep=run.strategy.lockstep,
+        tokenizer=run.tokenizer, progress=progress and run.is_main, desc=f"eval (step {step})")
     if isinstance(run.tokens, OnPolicyTokens) and run.teacher.model is not None:  # the student's own completions
         result.update(evaluate_samples(run.tokens, run.val_ds, run.teacher.model,
                                        batch_size=cfg.eval.batch_size or cfg.train.batch_size,
@@ -339,6 +392,38 @@ def evaluate(run: Run, metrics: MetricsLogger, step: int) -> dict[str, float]:
     metrics.log(step, {f"eval/{k}": v for k, v in result.items()})
     log.info("step %d eval: %s", step, ", ".join(f"{k} {v:.4g}" for k, v in result.items()))
     return result
+
+
+TASKS, TEACHER_TASKS = "tasks/", "teacher_tasks/"  # metrics.jsonl prefixes of the task scores
+
+
+def evaluate_tasks(run: Run, metrics: MetricsLogger, step: int, progress: bool, *,
+                   with_teacher: bool = False) -> dict[str, float]:
+    """``eval.tasks`` through lm-evaluation-harness on the student (main process; the others wait),
+    logged as ``tasks/<task>/<metric>``; ``with_teacher`` (and ``eval.tasks_teacher``): the teacher
+    too, as ``teacher_tasks/<task>/<metric>``. The run's RNG streams are left as they were."""
+    cfg = run.cfg.eval
+    if not cfg.tasks:
+        return {}
+    from .tasks import flatten_task_metrics, run_tasks
+
+    record: dict[str, float] = {}
+    if run.is_main:
+        models = [(TASKS, "student", run.raw_student)]
+        if with_teacher and cfg.tasks_teacher and run.teacher.model is not None:
+            models.append((TEACHER_TASKS, "teacher", run.teacher.model))
+        for prefix, role, model in models:
+            log.info("step %d: lm-eval tasks %s on the %s", step, ", ".join(cfg.tasks), role)
+            with run.autocast():
+                scores = run_tasks(model, run.tokenizer, cfg.tasks, task_paths=cfg.task_paths, limit=cfg.task_limit,
+                                   num_fewshot=cfg.task_fewshot, batch_size=cfg.batch_size or run.cfg.train.batch_size,
+                                   max_length=run.cfg.data.max_length, device=run.device, seed=run.cfg.train.seed,
+                                   progress=progress)
+            record.update({prefix + k: v for k, v in flatten_task_metrics(scores).items()})
+        metrics.log(step, record)
+        log.info("step %d tasks: %s", step, ", ".join(f"{k} {v:.4g}" for k, v in record.items()))
+    run.accelerator.wait_for_everyone()
+    return record
 
 
 def save_checkpoint(run: Run, step: int) -> Path:
@@ -423,18 +508,22 @@ def completed_run(run_dir: Path, saved: dict, changes: dict) -> RunResult | None
                      final_eval=summary.get("final_eval") or {}, train_metrics=summary.get("train") or {})
 
 
-def finish(run: Run, metrics: MetricsLogger, train_metrics: dict[str, float], *,
+def finish(run: Run, metrics: MetricsLogger, step_log: StepLog, progress: bool, *,
            resumed_at_end: bool = False) -> RunResult:
-    """Final evaluation and checkpoint, the student saved with save_pretrained, the summary.
+    """Final evaluation (and tasks) and checkpoint, the student saved with save_pretrained, the summary.
 
     ``resumed_at_end``: the run was stopped after its final checkpoint; its final evaluation
     (already in metrics.jsonl) and checkpoint are reused, not recorded twice."""
     final_eval = logged_eval(metrics.path, run.max_steps) if resumed_at_end else None
     if final_eval is None:
-        final_eval = evaluate(run, metrics, run.max_steps)
+        with step_log.paused("eval"):
+            final_eval = evaluate(run, metrics, run.max_steps, progress)
+            evaluate_tasks(run, metrics, run.max_steps, progress,
+                           with_teacher=not run.cfg.eval.at_start)  # otherwise scored at the start
     if not resumed_at_end:
-        save_checkpoint(run, run.max_steps)
-    train_metrics = train_metrics or last_train_record(metrics.path)
+        with step_log.paused("checkpoint"):
+            save_checkpoint(run, run.max_steps)
+    train_metrics = step_log.train_metrics or last_train_record(metrics.path)
     student_dir = run.run_dir / STUDENT_DIR
     whole = run.strategy.full_student_state(run.raw_student)  # every process: FSDP gathers the shards
     if run.is_main:
@@ -443,9 +532,16 @@ def finish(run: Run, metrics: MetricsLogger, train_metrics: dict[str, float], *,
                          advice=lambda: resume_advice(run.run_dir)):
             student_dir = publish_student(run.run_dir, run.raw_student, run.tokenizer, projectors, state_dict=whole)
             write_summary(run.run_dir, {
-                "steps": run.max_steps, "final_eval": final_eval, "train": train_metrics,
-                "student_parameters": run.n_params, "train_examples": len(run.train_ds),
-                "train_tokens_per_epoch": getattr(run.train_ds, "n_tokens", None)})
+                "steps": run.max_steps, "final_eval": final_eval,
+                "initial_eval": logged_eval(metrics.path, 0) or {},
+                "train": train_metrics, "train_overall": step_log.overall(),
+                "tasks": logged_tasks(metrics.path, run.max_steps),
+                "student_parameters": run.n_params,
+                "teacher_parameters": sum(p.numel() for p in run.teacher.model.parameters())
+                if run.teacher.model is not None else None,
+                "train_examples": len(run.train_ds),
+                "train_tokens_per_epoch": getattr(run.train_ds, "n_tokens", None),
+                "hardware": hardware(run)})
     metrics.close()
     run.accelerator.wait_for_everyone()
     run.teacher.close()
@@ -460,6 +556,45 @@ def logged_eval(path: Path, step: int) -> dict[str, float] | None:
         if record.get("step") == step and any(k.startswith("eval/") for k in record):
             return {k.removeprefix("eval/"): v for k, v in record.items() if k.startswith("eval/")}
     return None
+
+
+def logged_tasks(path: Path, final_step: int) -> dict[str, dict[str, dict[str, float]]]:
+    """The task scores of metrics.jsonl: {"student_before" (step 0), "student" (``final_step``),
+    "teacher"}: {task: {metric: value}}; roles never scored are left out."""
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for record in read_metrics(path):
+        for key, value in record.items():
+            for prefix, role in ((TASKS, "student"), (TEACHER_TASKS, "teacher")):
+                if not key.startswith(prefix):
+                    continue
+                if role == "student":
+                    if record["step"] not in (0, final_step):
+                        continue
+                    role = "student" if record["step"] == final_step else "student_before"
+                task, _, metric = key[len(prefix):].rpartition("/")
+                out.setdefault(role, {}).setdefault(task, {})[metric] = value
+    return out
+
+
+def hardware(run: Run) -> dict[str, object]:
+    """Where the run trained: device kind and name, processes, precision, strategy."""
+    device = run.device
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
+    return {"device": device.type, "device_name": name, "processes": run.accelerator.num_processes,
+            "cpu_threads": torch.get_num_threads(), "precision": run.precision, "strategy": run.cfg.train.strategy}
+
+
+def cpu_name() -> str:
+    """The CPU's model name (Linux: /proc/cpuinfo), else the machine type."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def last_train_record(path: Path) -> dict[str, float]:

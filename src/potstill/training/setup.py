@@ -116,6 +116,10 @@ def build_run(cfg: DistillConfig, accelerator, precision: str, run_dir: Path, *,
     if cfg.teacher.cache is not None:  # its manifest first: a missing or damaged cache is one line
         check_manifest(Path(cfg.teacher.cache), read_manifest(Path(cfg.teacher.cache)))
     checked = preflight(cfg, role="distill", check_data=False)
+    if cfg.eval.tasks:  # lm-eval installed, the task names known, the local task folders there
+        from .tasks import check_tasks
+
+        check_tasks(cfg.eval.tasks, cfg.eval.task_paths)
     with accelerator.main_process_first():
         train_ds, val_ds = build_datasets(onpolicy_data_config(cfg), checked.tokenizer, seed=cfg.train.seed,
                                           progress=progress and accelerator.is_main_process)
