@@ -1,4 +1,4 @@
-"""Regenerate the README's config reference from potstill/config.py: python tools/update_readme.py"""
+"""Regenerate the config reference in docs/config.md from potstill/config.py: python tools/update_readme.py"""
 
 from __future__ import annotations
 
@@ -10,16 +10,17 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 START, END = "<!-- config-reference:start -->", "<!-- config-reference:end -->"
+# The file that holds the generated reference between START and END.
+TARGET = ROOT / "docs" / "config.md"
 
 
-def rendered(readme: str) -> str:
+def rendered(text: str) -> str:
     from potstill.config import reference_markdown
 
     block = f"{START}\n{reference_markdown()}\n{END}"
-    return re.sub(re.escape(START) + ".*?" + re.escape(END), lambda _: block, readme, flags=re.S)
+    return re.sub(re.escape(START) + ".*?" + re.escape(END), lambda _: block, text, flags=re.S)
 
 
 if __name__ == "__main__":
-    path = ROOT / "README.md"
-    path.write_text(rendered(path.read_text(encoding="utf-8")), encoding="utf-8")
-    print("README.md config reference updated")
+    TARGET.write_text(rendered(TARGET.read_text(encoding="utf-8")), encoding="utf-8")
+    print(f"{TARGET.relative_to(ROOT)} config reference updated")

@@ -307,7 +307,7 @@ class TrainConfig(_Section):
         "auto", description="auto: bf16 where the hardware has fast bf16 (CUDA Ampere+, CPU with AMX), else fp32")
     seed: int = Field(0, ge=0, le=MAX_SEED, description="model init, data order, validation split")
     resume: Union[bool, str] = Field(False, description="false | auto (newest intact checkpoint in output.dir) | a checkpoint path; "
-                                                   "which settings may change on resume: README, 'Stopping, resuming'")
+                                                   "which settings may change on resume: docs/distill.md, 'Stopping, resuming'")
     checkpoint_every: int | None = Field(500, ge=1, le=MAX_COUNT, description="steps between checkpoints; one is always written at the end")
     keep_checkpoints: int = Field(2, ge=1, le=MAX_COUNT, description="keep only the newest K checkpoints")
     log_every: int = Field(10, ge=1, le=MAX_COUNT, description="steps between metrics.jsonl / TensorBoard records")

@@ -122,7 +122,7 @@ def check_resume_changes(saved: dict[str, Any], cfg: DistillConfig, checkpoint,
         raise ConfigError(
             f"cannot resume {checkpoint} with changed {shown}: data, batch shape, models, seed and precision must "
             "stay as the checkpoint's run had them; restore them, or start a new run in another output.dir "
-            "(keys that may change on resume: see 'Resuming' in the README)")
+            "(keys that may change on resume: docs/distill.md, 'Stopping, resuming')")
     allowed = {k: v for k, v in changes.items() if k != "train.resume" and not k.startswith("output.")}
     if allowed:
         log.info("resuming with changed %s", ", ".join(f"{k} {_short(a)} -> {_short(b)}" for k, (a, b) in allowed.items()))
