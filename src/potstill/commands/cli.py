@@ -119,6 +119,15 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import build_report
+
+    labels = [x.strip() for x in args.labels.split(",")] if args.labels else None
+    report = build_report([Path(r) for r in args.runs], out=Path(args.out) if args.out else None, labels=labels)
+    print(f"report: {report['out']}/report.md (plots: {', '.join(report['plots'])})")
+    return 0
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     from .plan import build_plan, check_json_output, format_plan, write_json
 
@@ -234,6 +243,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="also write the metrics to this JSON file")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("report", parents=[common], help="plots, tables and the teacher-gap recovery of finished runs",
+                       description="Loss curves per term, evaluation curves with the teacher as reference and the "
+                                   "step-0 point, tokens/s and memory over time, and a table of teacher, student "
+                                   "before and after (and of several runs side by side) with the share of the "
+                                   "teacher-student gap each run closed: PNGs, report.md and report.json. "
+                                   "Every distill run writes its own report/ at the end.")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run directories (with metrics.jsonl and config.yaml)")
+    p.add_argument("--out", help="output folder (default: FIRST_RUN/report)")
+    p.add_argument("--labels", help="names of the runs in the tables and legends, comma-separated")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("export", parents=[common], help="write a packed 1.58-bit (ternary) model of a BitNet run",
                        description="Pack a student trained with student.bitnet=true: ternary weights at 2 bits "

@@ -94,7 +94,7 @@ def test_scores(models: dict[str, Path], teacher: Path, *, progress: bool) -> di
 
     tok = AutoTokenizer.from_pretrained(teacher)
     test, _ = build_datasets(DataConfig(source="python-docs", split="test", validation_fraction=0.0,
-                                        max_length=MAX_LENGTH), tok, progress=progress)
+                                        max_length=MAX_LENGTH), tok, progress=progress, label="test")
     precision = resolve_precision("auto")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     # float32 weights (transformers 5 would keep the teacher's stored bf16); autocast does the rest.
@@ -106,7 +106,7 @@ def test_scores(models: dict[str, Path], teacher: Path, *, progress: bool) -> di
                                       role="model")).to(device)
         scores = evaluate_models(model, test, pad_token_id=tok.pad_token_id, batch_size=16, device=device,
                                  teacher=None if path == teacher else teacher_model,
-                                 autocast=autocast_context(precision, device), progress=progress)
+                                 autocast=autocast_context(precision, device), progress=progress, tokenizer=tok)
         scores["params"] = sum(p.numel() for p in model.parameters())
         rows[name] = scores
     return rows
