@@ -1,12 +1,21 @@
-"""The python-docs corpus, built from real files on a small restricted set of packages."""
+"""The python-docs corpus: the shipped snapshot, and the builder run on a few real packages."""
 
 from __future__ import annotations
 
+import hashlib
+import importlib.metadata
 import json
+import lzma
+import os
+import re
+import subprocess
+import sys
+import textwrap
 
 import pytest
 
 from potstill.data import corpus
+from potstill.errors import DataError
 
 SMALL = ["json", "tqdm"]  # a stdlib package and a dependency: a few dozen files, well under a second
 
@@ -108,3 +117,179 @@ def test_bad_split_name(tmp_path):
 
 def test_normalize():
     assert corpus.normalize("  a  \r\n\tb\n\n\n\nc  \n") == "a\n    b\n\nc"
+
+
+# ----------------------------------------------------------------------------------------
+# The shipped snapshot: what every machine reads
+
+
+def _snapshot_rows(folder=corpus.SNAPSHOT_DIR):
+    with lzma.open(folder / corpus.SNAPSHOT_FILE, "rb") as fh:
+        data = fh.read()
+    return data, [json.loads(line) for line in data.splitlines()]
+
+
+def _docstring(text):
+    """The part of a text its split is computed from: after the ``qualified.name`` header, if any."""
+    match = re.match(r"[A-Za-z_][\w.]*\n\n(.*)\Z", text, re.S)
+    return match.group(1) if match else text  # pydoc topics have no header
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    return _snapshot_rows()
+
+
+def test_snapshot_manifest_matches_its_content(shipped):
+    data, rows = shipped
+    manifest = corpus.read_snapshot_manifest()
+    assert manifest["sha256"] == hashlib.sha256(data).hexdigest() and manifest["bytes"] == len(data)
+    size = (corpus.SNAPSHOT_DIR / corpus.SNAPSHOT_FILE).stat().st_size
+    assert manifest["xz_bytes"] == size <= 4_000_000
+    for split in corpus.SPLITS:
+        texts = [r["text"] for r in rows if r["split"] == split]
+        assert manifest["splits"][split] == {"texts": len(texts), "chars": sum(map(len, texts))}
+    assert {r["split"] for r in rows} == set(corpus.SPLITS) and all(set(r) == {"split", "text"} for r in rows)
+    assert manifest["sources"]["stdlib"].startswith("cpython-3.") and "transformers" in manifest["sources"]
+    assert len(rows) > 30_000 and all(len(r["text"]) >= corpus.MIN_CHARS for r in rows)
+
+
+def test_snapshot_splits_are_disjoint_and_assigned_by_text(shipped):
+    _, rows = shipped
+    docs = {split: set() for split in corpus.SPLITS}
+    for row in rows:
+        doc = _docstring(row["text"])
+        assert corpus.split_of(doc) == row["split"], row["text"][:80]
+        assert doc not in docs[row["split"]]  # duplicates were kept once
+        docs[row["split"]].add(doc)
+    assert not docs["train"] & docs["validation"] and not docs["train"] & docs["test"]
+    assert not docs["validation"] & docs["test"]
+    assert any(r["text"].startswith("json.dumps\n\nSerialize") for r in rows)
+
+
+def test_loaded_corpus_is_the_snapshot(shipped, tmp_path, monkeypatch):
+    _, rows = shipped
+    folder = corpus.python_docs(tmp_path, progress=False)
+    manifest = corpus.read_snapshot_manifest()
+    assert folder == tmp_path / corpus.PYTHON_DOCS / f"snapshot-{manifest['sha256'][:16]}"
+    for split in corpus.SPLITS:
+        assert _rows(folder, split) == [r["text"] for r in rows if r["split"] == split]
+    assert json.loads((folder / "manifest.json").read_text()) == manifest
+    assert not list(folder.parent.glob(".tmp-*"))
+    assert corpus.python_docs_split_path("test", tmp_path) == folder / "test.jsonl"
+
+    def fail(*args, **kwargs):
+        raise AssertionError("unpacked again although cached")
+
+    monkeypatch.setattr(corpus, "_unpack", fail)
+    assert corpus.python_docs(tmp_path, progress=False) == folder
+
+
+def test_loaded_corpus_does_not_depend_on_installed_versions(tmp_path, monkeypatch):
+    here = corpus.python_docs(tmp_path / "here", progress=False)
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the installed documentation was read")
+
+    # Another machine: other versions of everything, and the builder must not even be asked.
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "99.0.0")
+    monkeypatch.setattr(corpus, "_version", lambda name: "99.0.0")
+    monkeypatch.setattr(corpus, "_sources", fail)
+    monkeypatch.setattr(corpus, "_collect", fail)
+    monkeypatch.setattr(sys, "version", "3.99.0 (elsewhere)")
+    there = corpus.python_docs(tmp_path / "there", progress=False)
+    assert here.name == there.name
+    for name in (*(f"{s}.jsonl" for s in corpus.SPLITS), "manifest.json"):
+        assert (here / name).read_bytes() == (there / name).read_bytes()
+
+
+def test_builtin_source_reads_the_snapshot(shipped, tmp_path, monkeypatch):
+    from potstill.config import DataConfig
+    from potstill.data.sources import load_rows
+
+    _, rows = shipped
+    monkeypatch.setenv("POTSTILL_CACHE", str(tmp_path))
+    monkeypatch.setattr(corpus, "_collect", lambda *a, **k: (_ for _ in ()).throw(AssertionError("built")))
+    ds = load_rows("python-docs", cfg=DataConfig(source="python-docs"), split="validation")
+    assert ds["text"] == [r["text"] for r in rows if r["split"] == "validation"]
+    assert [p.name for p in (tmp_path / corpus.PYTHON_DOCS).iterdir()][0].startswith("snapshot-")
+
+
+@pytest.fixture()
+def small_snapshot(tmp_path):
+    """A snapshot of a small build (the json package), written by the same code as the shipped one."""
+    built = corpus.build_python_docs(tmp_path / "build", progress=False, packages=["json"])
+    corpus.write_snapshot(built, tmp_path / "snapshot")
+    return built, tmp_path / "snapshot"
+
+
+def test_write_snapshot_round_trips_byte_for_byte(small_snapshot, tmp_path):
+    built, snapshot = small_snapshot
+    folder = corpus.python_docs(tmp_path / "cache", progress=False, snapshot=snapshot)
+    for split in corpus.SPLITS:
+        assert (folder / f"{split}.jsonl").read_bytes() == (built / f"{split}.jsonl").read_bytes()
+    manifest = corpus.read_snapshot_manifest(snapshot)
+    assert manifest["sources"] == {"json": manifest["sources"]["json"]} and manifest["build_fingerprint"] == built.name
+
+
+def _damage_byte(path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _flip_sha(path):
+    manifest = json.loads(path.read_text())
+    manifest["sha256"] = "0" * 64
+    path.write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("damage, reason", [
+    (lambda s: _damage_byte(s / corpus.SNAPSHOT_FILE), "damaged"),
+    (lambda s: (s / corpus.SNAPSHOT_FILE).write_bytes((s / corpus.SNAPSHOT_FILE).read_bytes()[:-200]), "damaged"),
+    (lambda s: (s / corpus.SNAPSHOT_FILE).write_bytes(lzma.compress(b'{"split": "train", "text": "x"}\n')),
+     "damaged"),
+    (lambda s: _flip_sha(s / "manifest.json"), "damaged.*sha256"),
+    (lambda s: (s / corpus.SNAPSHOT_FILE).unlink(), "missing"),
+    (lambda s: (s / "manifest.json").unlink(), "missing"),
+    (lambda s: (s / "manifest.json").write_text("{not json"), "unreadable"),
+])
+def test_damaged_snapshot_is_one_clear_line(small_snapshot, tmp_path, damage, reason):
+    _, snapshot = small_snapshot
+    damage(snapshot)
+    with pytest.raises(DataError, match=f"python-docs: the corpus snapshot.*{reason}.*reinstall potstill") as err:
+        corpus.python_docs(tmp_path / "cache", progress=False, snapshot=snapshot)
+    assert "\n" not in str(err.value)
+    root = tmp_path / "cache" / corpus.PYTHON_DOCS
+    assert not root.exists() or not list(root.iterdir())  # nothing half-written left behind
+
+
+_FIRST_USE = textwrap.dedent("""
+    import os, sys, time
+    from pathlib import Path
+    me, other = Path(sys.argv[2] + "/ready-" + sys.argv[3]), Path(sys.argv[2] + "/ready-" + sys.argv[4])
+    me.touch()
+    while not other.exists():  # start unpacking at the same moment as the other process
+        time.sleep(0.001)
+    from potstill.data.corpus import python_docs
+    print(python_docs(sys.argv[1], progress=False))
+""")
+
+
+def test_concurrent_first_use_from_two_processes(tmp_path):
+    cache = tmp_path / "cache"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    procs = [subprocess.Popen([sys.executable, "-c", "import potstill.data.corpus\n" + _FIRST_USE, str(cache),
+                               str(tmp_path), a, b], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for a, b in (("0", "1"), ("1", "0"))]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err for _, err in outs]
+    paths = {out.strip() for out, _ in outs}
+    assert len(paths) == 1
+    folder = type(tmp_path)(paths.pop())
+    manifest = corpus.read_snapshot_manifest()
+    data = b"".join(
+        (json.dumps({"split": s, "text": t}, ensure_ascii=False) + "\n").encode() for s in corpus.SPLITS
+        for t in _rows(folder, s))
+    assert hashlib.sha256(data).hexdigest() == manifest["sha256"]
+    assert sorted(p.name for p in (cache / corpus.PYTHON_DOCS).iterdir()) == [folder.name]  # no temporary left

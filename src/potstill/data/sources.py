@@ -192,7 +192,7 @@ def _open_path_or_hub(s: str, cfg, split: str, what: str, limit: int | None) -> 
     return _from_hub(s, cfg, split, what, limit)
 
 
-# Corpora that potstill builds on the user's machine (no download): name -> split file maker.
+# Corpora that ship with potstill (a pinned snapshot, unpacked once into the cache; no download).
 BUILTIN_SOURCES = ("python-docs",)
 
 

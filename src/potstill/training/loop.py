@@ -283,6 +283,7 @@ class StepLog:
         self.started = time.perf_counter()
         self.totals = {"steps": 0.0, "tokens": 0.0, "train_time_s": 0.0, "eval_time_s": 0.0,
                        "checkpoint_time_s": 0.0}
+        self.start_step = start_step
 
     @contextlib.contextmanager
     def paused(self, what: str):
@@ -302,9 +303,11 @@ class StepLog:
             self.totals[f"{what}_time_s"] += spent
 
     def overall(self) -> dict[str, float]:
-        """The session's training totals: steps, tokens (all processes), tokens/s and step time over
-        the training time alone, the time spent evaluating and checkpointing, the wall time, peak memory."""
+        """This session's training totals (since ``since_step``: a resumed run counts from its resume):
+        steps, tokens (all processes), tokens/s and step time over the training time alone, the time
+        spent evaluating and checkpointing, the wall time, peak memory."""
         t = dict(self.totals)
+        t["since_step"] = self.start_step  # 0, or the step this session resumed from
         t["tokens_per_s"] = t["tokens"] / t["train_time_s"] if t["train_time_s"] > 0 else 0.0
         t["step_time_s"] = t["train_time_s"] / t["steps"] if t["steps"] else 0.0
         t["wall_time_s"] = time.perf_counter() - self.started
