@@ -311,9 +311,9 @@ Validation split: {val_ppl:.2f}.
 {command}
 ```
 
-The corpus is rebuilt from the docstrings installed on the machine (Python {python} and the
-package versions in `training.json`); other versions give a slightly different corpus and a
-model of the same quality, not the same bytes.
+The corpus is the `python-docs` snapshot that ships with potstill (built from the docstrings of
+Python {python} and the package versions in `training.json`), so every machine trains on the
+same texts.
 
 ## Sample (prompt `{prompt}`, temperature 0.7)
 
@@ -323,12 +323,13 @@ model of the same quality, not the same bytes.
 
 ## Corpus and licenses
 
-`python-docs` is built at run time by `potstill.data.corpus`: the docstrings (module, class,
-function) of the Python standard library and of transformers, torch, numpy, datasets,
-accelerate, huggingface_hub, tokenizers, safetensors, tqdm, PyYAML and pydantic, read with
-`ast` from the installed sources, plus the `pydoc_data.topics` reference pages;
-deduplicated, split by a hash of each text (about 98% train, 1.2% validation, 1.2% test).
-None of that text is distributed with potstill. The texts keep their own licenses: the
+`python-docs` ships with potstill as a compressed snapshot
+(`potstill/assets/python-docs/corpus.jsonl.xz`, made by `scripts/snapshot_python_docs.py`):
+the docstrings (module, class, function) of the Python standard library and of transformers,
+torch, numpy, datasets, accelerate, huggingface_hub, tokenizers, safetensors, tqdm, PyYAML and
+pydantic, read with `ast` from their installed sources, plus the `pydoc_data.topics` reference
+pages; deduplicated, split by a hash of each text (about 98% train, 1.2% validation, 1.2%
+test). The texts keep their own licenses: the
 Python Software Foundation License for the standard library and `pydoc_data`, and each
 package's license for its docstrings (BSD-3-Clause for torch and numpy, Apache-2.0 for
 transformers, datasets, accelerate, huggingface_hub, tokenizers and safetensors, MIT for
@@ -343,9 +344,9 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    from potstill.data.corpus import build_python_docs
+    from potstill.data.corpus import python_docs
 
-    corpus = build_python_docs(args.cache)
+    corpus = python_docs(args.cache)  # the shipped snapshot: the same texts on every machine
     manifest = json.loads((corpus / "manifest.json").read_text())
     train_texts, val_texts, test_texts = (read_split(corpus, s) for s in ("train", "validation", "test"))
     print(f"corpus {corpus}: {len(train_texts):,} / {len(val_texts):,} / {len(test_texts):,} texts", flush=True)

@@ -26,7 +26,7 @@ def test_demo_teacher_loads_with_plain_transformers():
     assert size <= 60 * 2**20
 
 
-@pytest.mark.slow  # builds the corpus and tokenizes 5M tokens on a fresh cache: minutes
+@pytest.mark.slow  # unpacks the corpus and tokenizes 5M tokens on a fresh cache: minutes
 def test_quickstart_short_run_with_baseline(tmp_path):
     out = tmp_path / "qs"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
