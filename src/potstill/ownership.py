@@ -28,7 +28,7 @@ from .errors import PotstillError, RunDirError
 from .version import __version__
 
 MARK_FILE = ".potstill-owned"
-KINDS = ("run", "cache", "export")
+KINDS = ("run", "cache", "export", "report")
 
 
 def mark_owned(folder: str | os.PathLike, kind: str) -> None:

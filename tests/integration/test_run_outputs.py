@@ -30,7 +30,7 @@ def test_step_zero_point_and_whole_run_throughput_without_evaluation(tmp_path, t
                                                                      monkeypatch):
     """Evaluation made slow on purpose (a real evaluation after a pause): tokens/s over the run and in
     each window counts training time only; the pause shows up as evaluation time."""
-    pause = 0.4
+    pause = 1.5  # far above a tiny step's time, even on a loaded machine
     real = loop.evaluate_models
 
     def slow_evaluation(*args, **kwargs):
@@ -54,9 +54,10 @@ def test_step_zero_point_and_whole_run_throughput_without_evaluation(tmp_path, t
     assert overall["eval_time_s"] >= 3 * pause
     assert overall["train_time_s"] + overall["eval_time_s"] + overall["checkpoint_time_s"] <= overall["wall_time_s"]
     assert overall["tokens_per_s"] == pytest.approx(overall["tokens"] / overall["train_time_s"])
-    # Windows right after an evaluation (steps 1 and 4) are not slowed down by it.
+    # The window right after the mid-run evaluation (step 4) is not slowed down by it (step 1 also
+    # follows one, but the first step of a process carries its own warm-up).
     train = {r["step"]: r for r in records if "loss" in r}
-    assert all(train[s]["step_time_s"] < pause for s in (1, 4)), [train[s]["step_time_s"] for s in (1, 4)]
+    assert train[4]["step_time_s"] < pause, train[4]["step_time_s"]
     assert summary["hardware"]["device"] == "cpu" and summary["hardware"]["processes"] == 1
     assert summary["teacher_parameters"] > summary["student_parameters"] > 0
 

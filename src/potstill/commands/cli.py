@@ -192,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("quickstart", parents=[common], help="offline demo: distill the bundled teacher, print a table",
                        description="Distill the bundled demo teacher into a 6x smaller student on the python-docs "
-                                   "corpus (built from installed documentation), then compare teacher, student "
+                                   "corpus (a snapshot shipped with potstill), then compare teacher, student "
                                    "before and student after on the test split. No network needed.")
     p.add_argument("--out", default="runs/quickstart", help="output folder (default: runs/quickstart)")
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"optimizer steps (default: {DEFAULT_STEPS})")

@@ -6,11 +6,12 @@
       metrics.jsonl, tensorboard/, config.yaml, checkpoints/ ...
       baseline-ce/        the same student, steps and data, cross-entropy only (--baseline)
       loss_curve.png      training loss and validation cross-entropy
+      report/             potstill report of the run(s): plots, report.md, report.json (student/README.md: the card)
       results.json / results.md   the table printed at the end (test split)
 
 The teacher is a ~20M-parameter Llama trained on the ``python-docs`` corpus by
 ``scripts/train_demo_teacher.py`` and shipped in ``potstill/assets/demo-teacher``. The
-corpus itself is built on this machine from installed documentation.
+corpus ships with potstill as a pinned snapshot (``potstill/assets/python-docs``).
 """
 
 from __future__ import annotations
@@ -115,8 +116,9 @@ def test_scores(models: dict[str, Path], teacher: Path, *, progress: bool) -> di
 def quickstart(out: str | Path = "runs/quickstart", steps: int = DEFAULT_STEPS, baseline: bool = False,
                progress: bool = True) -> dict[str, dict]:
     """Distill the demo teacher into a small student, evaluate, and return the results table."""
-    from .report import plot_runs, results_table
+    from .card import write_model_card
     from .distill import distill
+    from .report import build_report, plot_runs, results_table
 
     if steps < 1:
         raise PotstillError(f"--steps must be at least 1 (got {steps})")
@@ -135,6 +137,9 @@ def quickstart(out: str | Path = "runs/quickstart", steps: int = DEFAULT_STEPS, 
         runs["cross-entropy only"] = out / "baseline-ce"
         models["student, CE only"] = out / "baseline-ce" / "student"
     plot_runs(runs, out / "loss_curve.png")
+    report = build_report(list(runs.values()), out=out / "report", labels=list(runs))
+    write_model_card(out, report=report,
+                     baselines={"CE only": out / "baseline-ce"} if baseline else None)
     rows = test_scores(models, teacher, progress=progress)
     atomic_write_text(out / "results.json", json.dumps({"steps": steps, "results": rows}, indent=2))
     atomic_write_text(out / "results.md", results_table(rows, markdown=True) + "\n")
