@@ -432,7 +432,7 @@ def write_plots(data: dict[str, dict[str, Any]], out: Path) -> list[str]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
+    from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullLocator
 
     colors = {label: f"C{i % 10}" for i, label in enumerate(data)}
     from_zero = ("tokens_per_s", "peak_mem_mb")
@@ -465,6 +465,9 @@ def write_plots(data: dict[str, dict[str, Any]], out: Path) -> list[str]:
                 ax.set_ylim(bottom=0)
             if key == "ce":  # perplexity is exp(CE): the same curve, read on the right-hand axis
                 right = ax.secondary_yaxis("right", functions=(_exp, _log))
+                right.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))  # even steps in CE
+                right.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+                right.yaxis.set_minor_locator(NullLocator())
                 right.set_ylabel("perplexity", fontsize=9)
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
