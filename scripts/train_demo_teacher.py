@@ -230,16 +230,6 @@ def train(model, data: torch.Tensor, args, device) -> dict:
             "loss_curve": [round(float(np.mean(losses[i:i + 50])), 4) for i in range(0, len(losses), 50)]}
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def samples(folder: Path, seed: int) -> list[str]:
     """Load the saved folder as a user would and let it write from a few prompts."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -345,6 +335,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     from potstill.data.corpus import python_docs
+    from potstill.training.metrics import cpu_name
 
     corpus = python_docs(args.cache)  # the shipped snapshot: the same texts on every machine
     manifest = json.loads((corpus / "manifest.json").read_text())

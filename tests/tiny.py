@@ -120,7 +120,9 @@ TINY_STUDENT = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads"
 
 def run_config(out, teacher_dir, data, *, loss: dict | None = None, eval: dict | None = None, **train) -> dict:
     """A few-second distillation config: the tiny student from config, fp32, a log record every
-    step, evaluation on one batch; keywords override ``train`` keys."""
+    step, evaluation on one batch; keywords override ``train`` keys. No report and card at the end
+    (matplotlib's plots cost a tiny run 1-3 s; tests/integration/test_report_runs.py and the runs
+    that turn ``output.report`` on cover them)."""
     return {
         "teacher": {"name_or_path": str(teacher_dir)},
         "student": {"config": dict(TINY_STUDENT)},
@@ -128,7 +130,7 @@ def run_config(out, teacher_dir, data, *, loss: dict | None = None, eval: dict |
         "loss": loss if loss is not None else {"ce": {"weight": 0.2}},
         "train": {"max_steps": 6, "batch_size": 2, "lr": 3e-3, "precision": "fp32", "log_every": 1, **train},
         "eval": eval if eval is not None else {"max_batches": 1},
-        "output": {"dir": str(out), "tensorboard": False},
+        "output": {"dir": str(out), "tensorboard": False, "report": False},
     }
 
 

@@ -36,7 +36,7 @@ def base_config(tmp_path: Path, teacher_dir: Path, data: Path, **changes) -> dic
         "train": {"max_steps": 6, "batch_size": 4, "grad_accum": 2, "lr": 1e-3, "precision": "fp32",
                   "checkpoint_every": 3, "keep_checkpoints": 1, "log_every": 1, "warmup_steps": 1},
         "eval": {"every": 3, "max_batches": 2},
-        "output": {"dir": str(tmp_path / "run")},
+        "output": {"dir": str(tmp_path / "run"), "report": False},
     }
     for dotted, value in changes.items():
         node = cfg
@@ -55,11 +55,20 @@ def test_version_and_help():
 
 
 def test_distill_chat_data_end_to_end(tmp_path, teacher_dir, chat_jsonl):
-    cfg_path = write_config(tmp_path / "run.yaml", **base_config(tmp_path, teacher_dir, chat_jsonl))
+    cfg_path = write_config(tmp_path / "run.yaml", **base_config(tmp_path, teacher_dir, chat_jsonl,
+                                                                  output__report=True))
     proc = run_cli("distill", str(cfg_path), "--no-progress", env={"POTSTILL_TRAIN__LR": "2e-3"})
     assert proc.returncode == 0, proc.stderr
     run = tmp_path / "run"
     assert (run / "student" / "model.safetensors").is_file()
+    # Every run leaves pictures and a card a person can read.
+    for name in ("report.md", "report.json", "losses.png", "eval.png", "throughput.png"):
+        assert (run / "report" / name).is_file(), name
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(run / "student" / "README.md")
+    assert "distillation" in card.data.tags and card.data.eval_results
+    assert (run / "student" / "eval.png").read_bytes()[:4] == b"\x89PNG"
     assert (run / "student" / "tokenizer.json").is_file()
     resolved = yaml.safe_load((run / "config.yaml").read_text())
     assert resolved["train"]["lr"] == 2e-3  # the environment variable reached the run
@@ -71,7 +80,7 @@ def test_distill_chat_data_end_to_end(tmp_path, teacher_dir, chat_jsonl):
     for key in ("loss", "loss/kd", "loss/ce", "lr", "grad_norm", "tokens_per_s", "step_time_s", "teacher_s", "peak_mem_mb"):
         assert all(key in r for r in train), key
     evals = [r for r in records if "eval/ppl" in r]
-    assert [r["step"] for r in evals] == [3, 6]
+    assert [r["step"] for r in evals] == [0, 3, 6]  # 0: the student before training (eval.at_start)
     assert {"eval/ce", "eval/kd", "eval/agreement", "eval/kl"} <= set(evals[-1])
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
     assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-000006"]  # keep_checkpoints=1

@@ -55,9 +55,9 @@ def test_damaged_newest_checkpoint_is_set_aside_and_the_run_ends_as_if_uninterru
 
     potstill.distill(_config(tmp_path / "straight", teacher_dir, text_jsonl), progress=False)
 
-    # The same run, stopped during step 7 (2 micro-batches a step, 1 eval batch at step 4: 13 teacher calls).
+    # The same run, stopped during step 7 (2 micro-batches a step, 1 eval batch at steps 0 and 4: 14 teacher calls).
     stopped = _config(tmp_path / "run", teacher_dir, text_jsonl)
-    stopped["teacher"] = {"name_or_path": _interrupt_after(AutoModelForCausalLM.from_pretrained(teacher_dir), 13),
+    stopped["teacher"] = {"name_or_path": _interrupt_after(AutoModelForCausalLM.from_pretrained(teacher_dir), 14),
                           "tokenizer": AutoTokenizer.from_pretrained(teacher_dir)}
     try:
         potstill.distill(stopped, progress=False)

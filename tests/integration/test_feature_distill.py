@@ -32,7 +32,7 @@ def _cfg(out: Path, teacher_dir: Path, data: Path, *, loss=None, student=None, *
         "train": {"max_steps": 4, "batch_size": 3, "grad_accum": 2, "lr": 3e-3, "precision": "fp32", "log_every": 1,
                   "checkpoint_every": None, **train},
         "eval": {"max_batches": 1},
-        "output": {"dir": str(out), "tensorboard": False},
+        "output": {"dir": str(out), "tensorboard": False, "report": False},
     }
 
 

@@ -30,7 +30,7 @@ def _gen_config(tmp_path, teacher_dir, student_dir, chat_jsonl, **generate) -> P
         "generate": {"output": str(tmp_path / "gen.jsonl"), "num_generations": 2, "max_new_tokens": 6,
                      "max_prompt_length": 64, "batch_size": 4, "temperature": 1.0, "top_k": 50, **generate},
         "train": {"max_steps": 3, "batch_size": 4, "precision": "fp32", "log_every": 1},
-        "output": {"dir": str(tmp_path / "run")},
+        "output": {"dir": str(tmp_path / "run"), "report": False},
     }
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(cfg))

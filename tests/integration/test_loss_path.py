@@ -22,7 +22,7 @@ def _cfg(out, teacher_dir, data, path, divergence="jsd"):
         "train": {"max_steps": 4, "batch_size": 4, "grad_accum": 2, "lr": 3e-3, "precision": "fp32", "log_every": 1,
                   "checkpoint_every": None},
         "eval": {"max_batches": 2},
-        "output": {"dir": str(out), "tensorboard": False},
+        "output": {"dir": str(out), "tensorboard": False, "report": False},
     }
 
 

@@ -27,7 +27,7 @@ def test_two_processes_equal_accumulation(tmp_path, teacher_dir, text_jsonl):
         "train": {"max_steps": 4, "batch_size": 2, "lr": 3e-3, "precision": "fp32", "log_every": 1,
                   "checkpoint_every": 2},
         "eval": {"max_batches": 3},
-        "output": {"dir": str(tmp_path / "two"), "tensorboard": False},
+        "output": {"dir": str(tmp_path / "two"), "tensorboard": False, "report": False},
     }
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(cfg))

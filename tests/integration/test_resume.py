@@ -118,7 +118,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, teacher_dir
     teacher = patch_decoder(AutoModelForCausalLM.from_pretrained(teacher_dir), 2 * 5, _nan)  # 2 micro-batches a step
     cfg = _config(tmp_path / "nan", teacher_dir, text_jsonl, checkpoint_every=2)
     cfg["teacher"] = {"name_or_path": teacher, "tokenizer": AutoTokenizer.from_pretrained(teacher_dir)}
-    cfg["eval"] = {"every": None}
+    cfg["eval"] = {"every": None, "at_start": False}  # every teacher call is a training one
     cfg["loss"]["path"] = path
     with pytest.raises(DivergedError, match=r"diverged at step 6: loss is nan.*step-000004") as err:
         potstill.distill(cfg, progress=False)

@@ -154,7 +154,7 @@ def test_run_stopped_after_its_last_checkpoint_completes_without_duplicates(tmp_
     records = read_metrics(run / "metrics.jsonl")
     keys = [(r["step"], "loss" in r, any(k.startswith("eval/") for k in r)) for r in records]
     assert len(keys) == len(set(keys)), keys  # no record twice
-    assert [r["step"] for r in records if any(k.startswith("eval/") for k in r)] == [6]
+    assert [r["step"] for r in records if any(k.startswith("eval/") for k in r)] == [0, 6]  # before training, at the end
     summary = json.loads((run / "summary.json").read_text())
     assert summary["final_eval"] == result.final_eval and summary["final_eval"]["ppl"] > 1
     assert summary["train"]["loss"] == _train_records(run)[6]["loss"]

@@ -8,6 +8,7 @@ import json
 import time
 
 import pytest
+import torch
 import yaml
 
 import tiny
@@ -114,3 +115,35 @@ def test_push_to_hub_needs_the_report(tmp_path, teacher_dir, chat_jsonl):
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(cfg))
     assert_one_line_error(tiny.run_cli("distill", path, check=False), "keep output.report=true")
+
+
+def test_what_push_to_hub_would_upload_is_the_student_folder_with_its_card(tmp_path, teacher_dir, chat_jsonl):
+    """The upload itself needs the network (not here); the folder and metadata it sends are checked."""
+    from huggingface_hub import ModelCard
+
+    from potstill.commands.hub import upload_plan
+
+    cfg = _config(tmp_path, teacher_dir, chat_jsonl)
+    cfg["output"]["report"] = True
+    result = distill(cfg, progress=False)
+    files = {str(f) for f in upload_plan(result.student_dir)}
+    assert {"README.md", "config.json", "model.safetensors", "tokenizer.json", "losses.png", "eval.png",
+            "throughput.png"} <= files
+    assert not any(part.startswith(".") for f in files for part in f.split("/"))
+    card = ModelCard.load(result.student_dir / "README.md")
+    assert "distillation" in card.data.tags
+    assert card.data.to_dict().get("base_model") is None  # a student built from a config: no base model
+    assert "](eval.png)" in card.text  # pictures linked beside the card, as uploaded
+
+
+def test_the_step_zero_evaluation_changes_nothing_in_training(tmp_path, teacher_dir, chat_jsonl):
+    """eval.at_start draws no random numbers and touches no weights: the same student either way."""
+    from safetensors.torch import load_file
+
+    weights = []
+    for at_start in (True, False):
+        cfg = tiny.run_config(tmp_path / f"run-{at_start}", teacher_dir, chat_jsonl,
+                              eval={"every": 3, "max_batches": 1, "at_start": at_start})
+        weights.append(load_file(str(distill(cfg, progress=False).student_dir / "model.safetensors")))
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])

@@ -35,7 +35,7 @@ def _config(tmp_path, teacher_dir, student_dir, data, **sections) -> dict:
         "train": {"max_steps": 6, "batch_size": 8, "precision": "fp32", "log_every": 1, "lr": 1e-3},
         "eval": {"max_batches": 2},
         "cache": {"dir": str(tmp_path / "cache"), "examples_per_shard": 64},
-        "output": {"dir": str(tmp_path / "run")},
+        "output": {"dir": str(tmp_path / "run"), "report": False},
     }
     for name, values in sections.items():
         cfg[name] = {**cfg.get(name, {}), **values}

@@ -57,7 +57,7 @@ def _config(root: Path, vllm, demo_teacher, data, **sections) -> dict:
         "train": {"max_steps": 4, "batch_size": 4, "lr": 3e-3, "precision": "fp32", "log_every": 1},
         "eval": {"max_batches": 1},
         "cache": {"dir": str(root / "cache"), "examples_per_shard": PER_SHARD, "k": K},
-        "output": {"dir": str(root / "run"), "tensorboard": False},
+        "output": {"dir": str(root / "run"), "tensorboard": False, "report": False},
     }
     for name, values in sections.items():
         cfg[name] = {**cfg.get(name, {}), **values}

@@ -161,7 +161,7 @@ def test_int4_teacher_run_distills(tmp_path, int4_teacher_dir, text_jsonl, stude
         "train": {"max_steps": 6, "batch_size": 4, "grad_accum": 2, "lr": 3e-3, "precision": "bf16",
                   "checkpoint_every": 3, "keep_checkpoints": 1, "log_every": 1, "warmup_steps": 1},
         "eval": {"every": None, "max_batches": 2},
-        "output": {"dir": str(tmp_path / "run")},
+        "output": {"dir": str(tmp_path / "run"), "report": False},
     }
     if student == "from_teacher":
         cfg["student"] = {"from_teacher": {"every": 2}}  # copies the dequantized int4 weights

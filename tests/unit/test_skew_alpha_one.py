@@ -210,7 +210,7 @@ def _cfg(out, teacher_dir, data, path, ce_weight=1.0):
         "train": {"max_steps": 2, "batch_size": 2, "grad_accum": 1, "lr": 3e-3, "precision": "fp32",
                   "log_every": 1, "checkpoint_every": None},
         "eval": {"max_batches": 1},
-        "output": {"dir": str(out), "tensorboard": False},
+        "output": {"dir": str(out), "tensorboard": False, "report": False},
     }
 
 

@@ -145,7 +145,7 @@ def test_a_new_source_plugs_into_the_loop_unchanged(tmp_path, teacher_dir, text_
         "data": {"source": str(text_jsonl), "max_length": 32, "packing": False, "validation_fraction": 0.1},
         "loss": {"logits": {"divergence": "fkl"}, "ce": {"weight": 0.2}, "path": path},
         "train": {"max_steps": 3, "batch_size": 2, "grad_accum": 2, "precision": "fp32"},
-        "output": {"dir": str(tmp_path / "run")}})
+        "output": {"dir": str(tmp_path / "run"), "report": False}})
     figures = {}
     for name in ("local", "new source"):
         set_seed(cfg.train.seed)

@@ -461,8 +461,9 @@ def write_plots(data: dict[str, dict[str, Any]], out: Path) -> list[str]:
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             if ylabel:
                 ax.set_ylabel(ylabel.get(key, ""), fontsize=9)
-            if key in from_zero:
-                ax.set_ylim(bottom=0)
+            if key in from_zero:  # room above a flat line (peak memory often is), which would sit on the frame
+                top = max((y for points in per_run.values() for _, y in points or ()), default=0.0)
+                ax.set_ylim(bottom=0, top=top * 1.1 if top > 0 else None)
             if key == "ce":  # perplexity is exp(CE): the same curve, read on the right-hand axis
                 right = ax.secondary_yaxis("right", functions=(_exp, _log))
                 right.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))  # even steps in CE

@@ -39,7 +39,7 @@ from ..ownership import read_json_object
 from ..stopping import StopRequest
 from . import checkpoint as ckpt
 from .evaluation import evaluate_models, reduce_sum
-from .metrics import MetricsLogger, peak_memory_mb, read_metrics
+from .metrics import MetricsLogger, cpu_name, peak_memory_mb, read_metrics
 from .objective import step_loss
 from .onpolicy import OnPolicyTokens, evaluate_samples, sample_stats, teacher_nll_of_samples
 from .resume import apply_resume_changes, check_resume_changes
@@ -585,19 +585,6 @@ def hardware(run: Run) -> dict[str, object]:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
     return {"device": device.type, "device_name": name, "processes": run.accelerator.num_processes,
             "cpu_threads": torch.get_num_threads(), "precision": run.precision, "strategy": run.cfg.train.strategy}
-
-
-def cpu_name() -> str:
-    """The CPU's model name (Linux: /proc/cpuinfo), else the machine type."""
-    import platform
-
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def last_train_record(path: Path) -> dict[str, float]:

@@ -29,7 +29,7 @@ from . import checkpoint as ckpt
 from .metrics import run_info
 
 RUN_ARTIFACTS = ("checkpoints", "student", PROJECTORS_DIR, "metrics.jsonl", "tensorboard", "summary.json", "config.yaml",
-                 "run_info.json")
+                 "run_info.json", "report")
 STUDENT_DIR = "student"
 
 # What a run reads from disk: overwrite must never delete any of it.
