@@ -28,6 +28,7 @@ def two_runs(tmp_path_factory, teacher_dir, text_jsonl):
     runs, procs = {}, []
     for name, loss in (("kd", {"ce": {"weight": 0.2}}), ("ce", {"logits": {"weight": 0.0}, "ce": {"weight": 1.0}})):
         cfg = tiny.run_config(root / name, teacher_dir, text_jsonl, loss=loss, eval={"every": 3, "max_batches": 1})
+        cfg["output"]["report"] = True  # the default of a run; tiny.run_config turns it off
         (root / f"{name}.yaml").write_text(yaml.safe_dump(cfg))
         procs.append(subprocess.Popen([sys.executable, "-m", "potstill", "distill", str(root / f"{name}.yaml"),
                                        "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

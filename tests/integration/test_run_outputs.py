@@ -97,7 +97,7 @@ def test_evaluate_scores_every_token_without_packing_and_says_what_packing_drops
 def test_push_to_hub_is_checked_before_training(tmp_path, teacher_dir, chat_jsonl, repo, env, fragments,
                                                  monkeypatch):
     cfg = _config(tmp_path, teacher_dir, chat_jsonl)
-    cfg["output"]["push_to_hub"] = repo
+    cfg["output"].update(push_to_hub=repo, report=True)
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(cfg))
     for key, value in env.items():
