@@ -143,9 +143,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def format_task_table(result: dict[str, float]) -> str:
     """lm-eval scores as a plain-text table: one row per task and metric, the model's and the teacher's."""
+    from ..training.tasks import TASKS, TEACHER_TASKS
+
     rows: dict[str, dict[str, float]] = {}
     for key, value in result.items():
-        for prefix, who in (("tasks/", "model"), ("teacher_tasks/", "teacher")):
+        for prefix, who in ((TASKS, "model"), (TEACHER_TASKS, "teacher")):
             if key.startswith(prefix):
                 rows.setdefault(key[len(prefix):], {})[who] = value
     width = max(len(name) for name in rows) + 2

@@ -114,15 +114,12 @@ def evaluate(
         log.info("scored %d tokens (%d bytes) of %s; %s", int(result["tokens"]), int(result.get("bytes", 0)),
                  describe_items(dataset), describe_losses(dataset))
     if tasks:
-        from ..training.tasks import flatten_task_metrics, run_tasks
+        from ..training.tasks import TASKS, TEACHER_TASKS, score_models
 
-        scored = [("tasks/", student)] + ([("teacher_tasks/", t_model)] if t_model is not None else [])
-        for prefix, m in scored:
-            with autocast():
-                scores = run_tasks(m, tok, tasks, task_paths=task_paths, limit=task_limit, num_fewshot=task_fewshot,
-                                   batch_size=batch_size, max_length=max_length, device=device, seed=seed,
-                                   progress=progress)
-            result.update({prefix + k: v for k, v in flatten_task_metrics(scores).items()})
+        scored = [(TASKS, student)] + ([(TEACHER_TASKS, t_model)] if t_model is not None else [])
+        result.update(score_models(scored, tok, tasks, autocast=autocast, task_paths=task_paths, limit=task_limit,
+                                   num_fewshot=task_fewshot, batch_size=batch_size, max_length=max_length,
+                                   device=device, seed=seed, progress=progress))
     return result
 
 

@@ -16,6 +16,7 @@ from ..atomic import atomic_write_bytes, atomic_write_text
 from ..errors import ConfigError, PotstillError, RunDirError
 from ..ownership import MARK_FILE, mark_owned, read_json_object
 from ..training.metrics import read_metrics
+from ..training.tasks import TASKS, TEACHER_TASKS
 from ..version import __version__
 
 
@@ -72,7 +73,6 @@ def results_table(rows: dict[str, dict], *, markdown: bool = False) -> str:
 # `potstill report`: plots, tables and the share of the teacher-student gap each run closed.
 
 REPORT_KIND = "report"
-TASKS, TEACHER_TASKS = "tasks/", "teacher_tasks/"  # as potstill.training.loop logs them
 PLOTS = ("losses.png", "eval.png", "throughput.png")
 PLOT_TITLES = {"losses.png": "Training losses", "eval.png": "Evaluation", "throughput.png": "Throughput and memory"}
 OWN_FILES = PLOTS + ("report.md", "report.json")

@@ -51,6 +51,7 @@ from .rundir import (
     write_summary,
 )
 from .setup import Run, build_run
+from .tasks import TASKS, TEACHER_TASKS, score_models
 
 log = logging.getLogger("potstill")
 
@@ -397,9 +398,6 @@ def evaluate(run: Run, metrics: MetricsLogger, step: int, progress: bool = False
     return result
 
 
-TASKS, TEACHER_TASKS = "tasks/", "teacher_tasks/"  # metrics.jsonl prefixes of the task scores
-
-
 def evaluate_tasks(run: Run, metrics: MetricsLogger, step: int, progress: bool, *,
                    with_teacher: bool = False) -> dict[str, float]:
     """``eval.tasks`` through lm-evaluation-harness on the student (main process; the others wait),
@@ -408,21 +406,18 @@ def evaluate_tasks(run: Run, metrics: MetricsLogger, step: int, progress: bool, 
     cfg = run.cfg.eval
     if not cfg.tasks:
         return {}
-    from .tasks import flatten_task_metrics, run_tasks
-
     record: dict[str, float] = {}
     if run.is_main:
-        models = [(TASKS, "student", run.raw_student)]
+        models = [(TASKS, run.raw_student)]
         if with_teacher and cfg.tasks_teacher and run.teacher.model is not None:
-            models.append((TEACHER_TASKS, "teacher", run.teacher.model))
-        for prefix, role, model in models:
-            log.info("step %d: lm-eval tasks %s on the %s", step, ", ".join(cfg.tasks), role)
-            with run.autocast():
-                scores = run_tasks(model, run.tokenizer, cfg.tasks, task_paths=cfg.task_paths, limit=cfg.task_limit,
-                                   num_fewshot=cfg.task_fewshot, batch_size=cfg.batch_size or run.cfg.train.batch_size,
-                                   max_length=run.cfg.data.max_length, device=run.device, seed=run.cfg.train.seed,
-                                   progress=progress)
-            record.update({prefix + k: v for k, v in flatten_task_metrics(scores).items()})
+            models.append((TEACHER_TASKS, run.teacher.model))
+        log.info("step %d: lm-eval tasks %s on the student%s", step, ", ".join(cfg.tasks),
+                 " and the teacher" if len(models) > 1 else "")
+        record = score_models(models, run.tokenizer, cfg.tasks, autocast=run.autocast, task_paths=cfg.task_paths,
+                              limit=cfg.task_limit, num_fewshot=cfg.task_fewshot,
+                              batch_size=cfg.batch_size or run.cfg.train.batch_size,
+                              max_length=run.cfg.data.max_length, device=run.device, seed=run.cfg.train.seed,
+                              progress=progress)
         metrics.log(step, record)
         log.info("step %d tasks: %s", step, ", ".join(f"{k} {v:.4g}" for k, v in record.items()))
     run.accelerator.wait_for_everyone()

@@ -252,6 +252,21 @@ def parse_results(out: dict[str, Any]) -> dict[str, dict[str, float]]:
     return parsed
 
 
+TASKS, TEACHER_TASKS = "tasks/", "teacher_tasks/"  # key prefixes of the scores (metrics.jsonl, evaluate --json)
+
+
+def score_models(models: Sequence[tuple[str, nn.Module]], tokenizer, tasks: Sequence[str], *,
+                 autocast=contextlib.nullcontext, **run_kwargs) -> dict[str, float]:
+    """:func:`run_tasks` for each (prefix, model), under ``autocast``, flattened under its prefix:
+    ``{"tasks/<task>/<metric>": v, "teacher_tasks/<task>/<metric>": v, ...}``."""
+    record: dict[str, float] = {}
+    for prefix, model in models:
+        with autocast():
+            scores = run_tasks(model, tokenizer, tasks, **run_kwargs)
+        record.update({prefix + k: v for k, v in flatten_task_metrics(scores).items()})
+    return record
+
+
 def flatten_task_metrics(results: dict[str, dict[str, float]]) -> dict[str, float]:
     """{task: {metric: v}} -> {"task/metric": v}: the keys of ``tasks/...`` records in metrics.jsonl."""
     return {f"{task}/{metric}": value for task, row in results.items() for metric, value in row.items()}
