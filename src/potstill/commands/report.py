@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -285,13 +284,7 @@ def _claim_out(out: Path) -> None:
         why = "was not written by potstill" if not mark else f"holds a potstill {mark.get('kind')}, not a report"
         raise RunDirError(f"report folder {out} {why}: potstill replaces only its own output; choose another "
                           "--out or move the folder away yourself")
-    try:
-        mark_owned(out, REPORT_KIND)
-    except ValueError:  # an ownership module that does not know the "report" kind yet: the same mark by hand
-        out.mkdir(parents=True, exist_ok=True)
-        if mark.get("kind") != REPORT_KIND:
-            atomic_write_text(out / MARK_FILE, json.dumps({"kind": REPORT_KIND, "potstill_version": __version__,
-                                                           "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}))
+    mark_owned(out, REPORT_KIND)
 
 
 def build_report(runs: Sequence[str | os.PathLike], out: str | os.PathLike | None = None,
