@@ -229,8 +229,26 @@ class AttentionLossConfig(_LayerMapping):
         None, ge=1, le=MAX_COUNT, description="relation heads (must divide every q/k/v width); default: the student's attention heads")
 
 
+class CrossTokenizerConfig(_Section):
+    """The logit term when teacher and student tokenizers differ (see potstill.losses.aligned):
+    both tokenize the same text; a student token and a teacher token that start at the same
+    character are an aligned pair. A pair that also ends at the same character and spells the
+    same bytes is *exact*: the two distributions are compared on the ids both vocabularies share
+    (plus one bucket for the rest) with loss.logits.divergence. Every other pair gets the ULD
+    loss (Wasserstein-1 between the sorted probabilities)."""
+
+    mode: Literal["hybrid", "exact", "uld"] = Field(
+        "hybrid", description="hybrid: exact pairs by divergence, the other aligned pairs by ULD; exact: exact pairs "
+                              "only; uld: ULD on every aligned pair")
+    exact_weight: float = Field(1.0, ge=0.0, description="weight of the exact pairs' divergence")
+    uld_weight: float = Field(1.0, ge=0.0, description="weight of the ULD distance")
+    top_k: int = Field(64, ge=1, le=65536, description="teacher log-probs kept per aligned position (the rest is one "
+                                                       "bucket); a cache captured with offsets sets it")
+
+
 class LossConfig(_Section):
     logits: LogitLossConfig = Field(default_factory=LogitLossConfig)
+    cross_tokenizer: CrossTokenizerConfig = Field(default_factory=CrossTokenizerConfig)
     ce: CrossEntropyLossConfig = Field(default_factory=CrossEntropyLossConfig)
     hidden: HiddenLossConfig = Field(default_factory=HiddenLossConfig)
     attention: AttentionLossConfig = Field(default_factory=AttentionLossConfig)
@@ -376,6 +394,9 @@ class CacheConfig(_Section):
         "topk", description="topk: the k most likely ids and log-probs; sampled: k ids drawn from the teacher")
     k: int = Field(12, ge=1, le=2**16, description="ids stored per token (top-k size or number of samples)")
     value_bits: Literal[8, 16] = Field(8, description="topk: bits per quantized log-probability")
+    offsets: bool = Field(False, description="store each teacher token's character span with its row, in the "
+                                            "teacher's own tokenization: the cache then trains students with any "
+                                            "tokenizer (cross-tokenizer)")
     examples_per_shard: int = Field(256, ge=1, le=MAX_COUNT, description="tokenized examples per shard file")
     batch_size: int | None = Field(None, ge=1, le=MAX_COUNT, description="teacher batch size; default: train.batch_size")
     seed: int = Field(0, ge=0, le=MAX_SEED, description="sampled: seed of the draws (per shard)")

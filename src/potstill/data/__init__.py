@@ -38,7 +38,7 @@ from .sources import RawSource, load_rows, open_source
 from .tokenized import (FORMAT_VERSION, IGNORE_INDEX, TokenizedDataset, collate, count_loss_tokens, load_cache,
                         make_dataset, tokenizer_state)
 
-__all__ = ["build_datasets", "plan_datasets", "require_eos", "load_rows", "TokenizedDataset", "collate",
+__all__ = ["build_datasets", "build_teacher_view", "text_fingerprint", "plan_datasets", "require_eos", "load_rows", "TokenizedDataset", "collate",
            "count_loss_tokens", "IGNORE_INDEX",
            "cache_root"]
 
@@ -52,14 +52,15 @@ def cache_root(cfg) -> Path:
     return Path(root).expanduser()
 
 
-def build_datasets(cfg, tokenizer, *, seed: int = 0, progress: bool = True, label: str | None = None
-                   ) -> tuple[TokenizedDataset, TokenizedDataset | None]:
+def build_datasets(cfg, tokenizer, *, seed: int = 0, progress: bool = True, label: str | None = None,
+                   spans: bool = False) -> tuple[TokenizedDataset, TokenizedDataset | None]:
     """Train and validation datasets (validation None when there is none to make).
 
     ``label``: what the first dataset is called in logs and progress bars when it is not
-    training data (e.g. "test", "evaluation"); the cache is the same either way."""
+    training data (e.g. "test", "evaluation"); the cache is the same either way.
+    ``spans``: record each token's canonical character span (cross-tokenizer runs)."""
     require_eos(tokenizer)
-    builder = _Builder(cfg, tokenizer, progress)
+    builder = _Builder(cfg, tokenizer, progress, spans=spans)
     shown = {"train": label} if label else {}
     built = {p.role: builder.build(p.role, p.source, p.plan, p.select, shown=shown.get(p.role))
              for p in plan_datasets(cfg, seed)}
@@ -127,10 +128,41 @@ def split_indices(n: int, fraction: float, seed: int, describe: str) -> dict[str
     return {"validation": np.sort(order[:n_val]), "train": np.sort(order[n_val:])}
 
 
+def build_teacher_view(cfg, teacher_tokenizer, *, seed: int = 0, progress: bool = True) -> TokenizedDataset:
+    """The train split as the *teacher* tokenizes it, for cross-tokenizer runs: one item per
+    example, never truncated or packed, with canonical character spans (item ``k`` holds the
+    example whose ordinal is ``spans[:, 0]``), from which each student item's teacher context is
+    cut (:mod:`potstill.data.alignment`). Cached like any tokenized data."""
+    require_eos(teacher_tokenizer)
+    whole = cfg.model_copy(update={"packing": False, "max_length": VIEW_MAX_LENGTH})
+    builder = _Builder(whole, teacher_tokenizer, progress, spans=True)
+    train = next(p for p in plan_datasets(cfg, seed) if p.role == "train")
+    return builder.build("train", train.source, train.plan, train.select, shown="teacher view")
+
+
+VIEW_MAX_LENGTH = 1 << 30  # the teacher view keeps whole examples
+
+# What decides the examples' canonical texts (not how they are cut into items or cached).
+_NOT_TEXT_FIELDS = _NOT_TOKEN_FIELDS + ("max_length", "packing")
+
+
+def text_fingerprint(cfg, *, seed: int = 0) -> str:
+    """A sha256 of what decides the train split's canonical texts, whatever the tokenizer: the raw
+    rows, the split and the formatting settings. A cross-tokenizer cache records it, and a run
+    that reads the cache must have the same."""
+    train = next(p for p in plan_datasets(cfg, seed) if p.role == "train")
+    fields = {k: getattr(cfg, k) for k in type(cfg).model_fields if k not in _NOT_TEXT_FIELDS}
+    h = hashlib.sha256(f"potstill-text|{train.plan}|{train.source.fingerprint}|".encode())
+    h.update(json.dumps(fields, sort_keys=True, default=repr).encode())
+    return h.hexdigest()
+
+
 class _Builder:
-    def __init__(self, cfg, tokenizer, progress: bool):
-        self.cfg, self.tok, self.progress = cfg, tokenizer, progress
+    def __init__(self, cfg, tokenizer, progress: bool, *, spans: bool = False):
+        self.cfg, self.tok, self.progress, self.spans = cfg, tokenizer, progress, spans
         fields = {k: getattr(cfg, k) for k in type(cfg).model_fields if k not in _NOT_TOKEN_FIELDS}
+        if spans:  # only then: every other dataset keeps its fingerprint
+            fields["spans"] = True
         self.settings = json.dumps(fields, sort_keys=True, default=repr)
         self.tok_state = tokenizer_state(tokenizer)
         self.root = cache_root(cfg)
@@ -157,7 +189,8 @@ class _Builder:
         if select is not None:
             rows = rows.select(row_ids)
         enc = formats.tokenize_rows(rows, self.cfg, self.tok, where=source.where, describe=source.describe,
-                                    row_ids=row_ids, progress=self.progress, desc=f"tokenizing {shown}")
+                                    row_ids=row_ids, progress=self.progress, desc=f"tokenizing {shown}",
+                                    spans=self.spans)
         if int(enc.loss.sum(dtype=np.int64)) == 0:
             raise DataError(f"the {shown} data from {source.describe} is empty after formatting: {_why_empty(enc)}")
         ds = make_dataset(enc, fingerprint=fp, max_length=self.cfg.max_length, packing=self.cfg.packing,

@@ -51,6 +51,47 @@ class Encoded:
     lengths: np.ndarray  # int64 (E,)
     format: str
     stats: dict[str, int] = field(default_factory=dict)  # rows, examples, empty, no_assistant
+    spans: np.ndarray | None = None  # int32 (N, 4) with ``spans=True``: see :func:`token_spans`
+
+
+# Columns of a spans array: the example's ordinal, the token's character span [start, end) in the
+# example's canonical text, and flags (first / last token of its example).
+SPAN_EXAMPLE, SPAN_START, SPAN_END, SPAN_FLAGS = range(4)
+FIRST_TOKEN, LAST_TOKEN = 1, 2
+
+
+def token_spans(text: str, offsets, ids, special_ids: frozenset, *, base: int = 0,
+                window: tuple[int, int] | None = None, space_ids: frozenset = frozenset()) -> np.ndarray:
+    """(L, 2) int64 character spans of tokens in canonical coordinates, -1 where a token spells
+    no text of the canonical string (special tokens, zero-width pieces, template scaffolding).
+
+    ``offsets`` are the fast tokenizer's (start, end) in ``text``; a token inside ``window``
+    (a [lo, hi) slice of ``text``) maps to ``base + start - lo``; tokens outside are -1.
+    Leading whitespace is trimmed from every span (a token that is only whitespace keeps it):
+    byte-level BPE counts a word's leading space in its offsets ('Ġworld' -> ' world') and
+    other tokenizers do not, so starts are compared where the visible text starts. A token of
+    ``space_ids`` (:func:`whitespace_token_ids`) whose offsets cover visible text spans nothing.
+    """
+    lo, hi = window if window is not None else (0, len(text))
+    out = np.full((len(ids), 2), -1, dtype=np.int64)
+    for k, ((a, b), i) in enumerate(zip(offsets, ids)):
+        if a >= b or i in special_ids or a < lo or b > hi:
+            continue
+        piece = text[a:b]
+        stripped = piece.lstrip()
+        if stripped:
+            if i in space_ids:
+                continue  # a space the tokenizer made up (Metaspace's prepended '▁' carries the next char's offsets)
+            a += len(piece) - len(stripped)
+        out[k] = (base + a - lo, base + b - lo)
+    return out
+
+
+def whitespace_token_ids(tokenizer) -> frozenset:
+    """Ids of tokens that spell only whitespace ('▁', 'Ġ', 'Ċ', ' '): where such a token's offsets
+    cover visible text, the tokenizer invented it (:func:`token_spans` drops its span)."""
+    markers = "\u2581\u0120\u010a\u0109 \t\n\r"
+    return frozenset(i for t, i in tokenizer.get_vocab().items() if t and not t.strip(markers))
 
 
 def detect_format(columns: list[str], cfg, describe: str) -> str:
@@ -114,15 +155,21 @@ def check_rows(rows, cfg, *, where: Callable[[int], str], describe: str = "the d
 
 
 def tokenize_rows(rows, cfg, tokenizer, *, where: Callable[[int], str], describe: str = "the data",
-                  row_ids: np.ndarray | None = None, progress: bool = False, desc: str = "tokenizing") -> Encoded:
-    """Format and tokenize every row of ``rows`` (a ``datasets.Dataset``); see the module doc."""
+                  row_ids: np.ndarray | None = None, progress: bool = False, desc: str = "tokenizing",
+                  spans: bool = False) -> Encoded:
+    """Format and tokenize every row of ``rows`` (a ``datasets.Dataset``); see the module doc.
+
+    ``spans``: also record where each token sits in its example's *canonical text* (``Encoded.spans``),
+    the coordinates two tokenizers share: the text itself (text format), the prompt then the
+    completion (plain prompt_completion), the messages' contents one after another (chat, each
+    tokenizer rendering its own template). Cross-tokenizer distillation aligns tokens by them."""
     from tqdm.auto import tqdm
 
     rows = rows.with_format(None)  # plain Python values, whatever format the caller set
     columns = list(rows.column_names)
     row_ids = np.arange(len(rows)) if row_ids is None else row_ids
     fmt = _format_of(rows, cfg, where, describe, row_ids)
-    enc = _Encoder(fmt, cfg, tokenizer, where)
+    enc = _Encoder(fmt, cfg, tokenizer, where, spans=spans)
     with tqdm(total=len(rows), desc=desc, unit="row", disable=not progress) as bar:
         for start in range(0, len(rows), _BATCH):
             batch = rows[start:start + _BATCH]
@@ -133,11 +180,19 @@ def tokenize_rows(rows, cfg, tokenizer, *, where: Callable[[int], str], describe
 
 
 class _Encoder:
-    def __init__(self, fmt: str, cfg, tokenizer, where: Callable[[int], str]):
+    def __init__(self, fmt: str, cfg, tokenizer, where: Callable[[int], str], *, spans: bool = False):
         self.fmt, self.cfg, self.tok, self.where = fmt, cfg, tokenizer, where
         self.eos = tokenizer.eos_token_id
         self.tokens: list[np.ndarray] = []
         self.loss: list[np.ndarray] = []
+        self.spans: list[np.ndarray] | None = [] if spans else None
+        if spans and not getattr(tokenizer, "is_fast", False):
+            raise DataError(f"cross-tokenizer distillation aligns tokens by their character offsets, which "
+                            f"{type(tokenizer).__name__} does not give (it is not a fast tokenizer): load it with "
+                            "use_fast=True, or convert it to a tokenizers (Rust) tokenizer")
+        self.special_ids = frozenset(getattr(tokenizer, "all_special_ids", []) or []) | frozenset(
+            i for i, t in (getattr(tokenizer, "added_tokens_decoder", {}) or {}).items() if getattr(t, "special", False))
+        self.space_ids = whitespace_token_ids(tokenizer) if spans else frozenset()
         self.stats = {"empty": 0, "no_assistant": 0}
         has_template = cfg.chat_template is not None or bool(getattr(tokenizer, "chat_template", None))
         self.chat = ChatRenderer(tokenizer, cfg) if fmt in ("messages", "sharegpt") or (
@@ -148,18 +203,33 @@ class _Encoder:
         tokens = np.concatenate(self.tokens).astype(np.int32) if self.tokens else np.zeros(0, np.int32)
         loss = np.concatenate(self.loss).astype(np.uint8) if self.loss else np.zeros(0, np.uint8)
         stats = {"rows": n_rows, "examples": len(lengths), **self.stats}
-        return Encoded(tokens, loss, lengths, self.fmt, stats)
+        spans = None
+        if self.spans is not None:
+            spans = np.concatenate(self.spans).astype(np.int32) if self.spans else np.zeros((0, 4), np.int32)
+        return Encoded(tokens, loss, lengths, self.fmt, stats, spans)
 
     def _value(self, batch: dict, col: str, opt: str, j: int, row_id: int, kinds: tuple, kind_name: str) -> Any:
         return field_value(batch[col][j], col, opt, lambda: self.where(row_id), kinds, kind_name)
 
-    def _append(self, ids, mask, ends_in_eos: bool = False) -> None:
+    def _append(self, ids, mask, ends_in_eos: bool = False, spans: np.ndarray | None = None, end: int = 0) -> None:
+        """One example. ``spans`` (L, 2) canonical character spans of ``ids`` (with ``spans=True``);
+        ``end``: the canonical text's length, where an appended EOS sits (zero width)."""
         ids, mask = list(ids), list(mask)
-        if not ends_in_eos and (not ids or ids[-1] != self.eos):
+        appended = not ends_in_eos and (not ids or ids[-1] != self.eos)
+        if appended:
             ids.append(self.eos)
             mask.append(0 if (self.cfg.assistant_only_loss and self.fmt != "text") else 1)
         self.tokens.append(np.asarray(ids, dtype=np.int64))
         self.loss.append(np.asarray(mask, dtype=np.uint8))
+        if self.spans is not None:
+            rows = np.zeros((len(ids), 4), dtype=np.int64)
+            rows[:, SPAN_EXAMPLE] = len(self.tokens) - 1
+            rows[:len(spans), SPAN_START:SPAN_END + 1] = spans
+            if appended:  # EOS ends the canonical text in every tokenization: a zero-width span at its end
+                rows[-1, SPAN_START:SPAN_END + 1] = end
+            rows[0, SPAN_FLAGS] |= FIRST_TOKEN
+            rows[-1, SPAN_FLAGS] |= LAST_TOKEN
+            self.spans.append(rows)
 
     def add_batch(self, batch: dict, row_ids: list[int]) -> None:
         cfg = self.cfg
@@ -168,8 +238,16 @@ class _Encoder:
                      for j, r in enumerate(row_ids)]
             kept = [t for t in texts if t.strip()]
             self.stats["empty"] += len(texts) - len(kept)
-            for ids in (self.tok(kept, add_special_tokens=True)["input_ids"] if kept else []):
-                self._append(ids, [1] * len(ids))
+            if not kept:
+                return
+            if self.spans is None:
+                for ids in self.tok(kept, add_special_tokens=True)["input_ids"]:
+                    self._append(ids, [1] * len(ids))
+                return
+            enc = self.tok(kept, add_special_tokens=True, return_offsets_mapping=True)
+            for text, ids, offs in zip(kept, enc["input_ids"], enc["offset_mapping"]):
+                spans = token_spans(text, offs, ids, self.special_ids, space_ids=self.space_ids)
+                self._append(ids, [1] * len(ids), spans=spans, end=len(text))
             return
         if self.fmt == "prompt_completion" and self.chat is None:
             self._plain_prompt_completion(batch, row_ids)
@@ -195,26 +273,48 @@ class _Encoder:
         rendered = [self.chat.spans(msgs, self.where(r)) if only else (self.chat.render(msgs, where=self.where(r)), [])
                     for r, msgs in convs]
         texts = [text for text, _ in rendered]
+        offsets = only or self.spans is not None
         if only:
             if not getattr(self.tok, "is_fast", False):
                 raise DataError("assistant_only_loss needs a fast tokenizer (for its offset mapping), but "
                                 f"{type(self.tok).__name__} is not one: load it with use_fast=True or set "
                                 "data.assistant_only_loss=false")
-            enc = self.tok(texts, add_special_tokens=False, return_offsets_mapping=True)
-        else:
-            enc = self.tok(texts, add_special_tokens=False)
+        enc = self.tok(texts, add_special_tokens=False, return_offsets_mapping=offsets)
         eos_text = self.tok.eos_token
         for k, (text, spans) in enumerate(rendered):
             ids = enc["input_ids"][k]
             ends = bool(eos_text) and text.rstrip().endswith(eos_text)  # e.g. eos == <|im_end|>: no extra EOS
+            canon, end = self._content_spans(text, enc["offset_mapping"][k], ids, convs[k][1]) if (
+                self.spans is not None) else (None, 0)
             if not only:
-                self._append(ids, [1] * len(ids), ends)
+                self._append(ids, [1] * len(ids), ends, canon, end)
                 continue
             offs = np.asarray(enc["offset_mapping"][k], dtype=np.int64).reshape(-1, 2)
             mask = np.zeros(len(ids), dtype=bool)
             for s, e in spans:
                 mask |= (offs[:, 0] < e) & (offs[:, 1] > s)
-            self._append(ids, mask.astype(np.uint8), ends)
+            self._append(ids, mask.astype(np.uint8), ends, canon, end)
+
+    def _content_spans(self, rendered: str, offsets, ids, msgs: list[dict]) -> tuple[np.ndarray, int]:
+        """Canonical spans of a rendered conversation's tokens: the messages' contents one after
+        another (each followed by one separator position), located in this tokenizer's rendering in
+        order; tokens of the template around them span nothing. Returns (spans, canonical length)."""
+        out = np.full((len(ids), 2), -1, dtype=np.int64)
+        cursor = base = 0
+        for m in msgs:
+            content = m.get("content")
+            content = content if isinstance(content, str) else ""
+            for c in (content, content.strip()):
+                at = rendered.find(c, cursor) if c else -1
+                if at >= 0:
+                    shift = content.find(c)  # a template that trims the content: keep canonical positions
+                    part = token_spans(rendered, offsets, ids, self.special_ids, base=base + shift,
+                                       window=(at, at + len(c)), space_ids=self.space_ids)
+                    out = np.where(part >= 0, part, out)
+                    cursor = at + len(c)
+                    break
+            base += len(content) + 1
+        return out, base
 
     def _plain_prompt_completion(self, batch: dict, row_ids: list[int]) -> None:
         cfg = self.cfg
@@ -230,12 +330,22 @@ class _Encoder:
                 pairs.append((p, c))
         if not pairs:
             return
-        prompts = self.tok([p for p, _ in pairs], add_special_tokens=True)["input_ids"]
-        completions = self.tok([c for _, c in pairs], add_special_tokens=False)["input_ids"]
-        for p_ids, c_ids in zip(prompts, completions):
+        with_offsets = self.spans is not None
+        prompts = self.tok([p for p, _ in pairs], add_special_tokens=True, return_offsets_mapping=with_offsets)
+        completions = self.tok([c for _, c in pairs], add_special_tokens=False, return_offsets_mapping=with_offsets)
+        for k, (p_ids, c_ids) in enumerate(zip(prompts["input_ids"], completions["input_ids"])):
+            spans = None
+            if with_offsets:  # canonical text: the prompt, one separator, the completion; EOS at its end
+                p, c = pairs[k]
+                end = len(p) + 1 + len(c)
+                spans = np.concatenate([
+                    token_spans(p, prompts["offset_mapping"][k], p_ids, self.special_ids, space_ids=self.space_ids),
+                    token_spans(c, completions["offset_mapping"][k], c_ids, self.special_ids, base=len(p) + 1,
+                                space_ids=self.space_ids),
+                    [[end, end]]])
             c_ids = list(c_ids) + [self.eos]
             p_mask = 0 if cfg.assistant_only_loss else 1
-            self._append(list(p_ids) + c_ids, [p_mask] * len(p_ids) + [1] * len(c_ids))
+            self._append(list(p_ids) + c_ids, [p_mask] * len(p_ids) + [1] * len(c_ids), spans=spans)
 
 
 def field_value(value: Any, col: str, opt: str, where: Callable[[], str], kinds: tuple, kind_name: str) -> Any:

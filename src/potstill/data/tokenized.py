@@ -5,6 +5,8 @@ On disk, one folder per fingerprint under the cache root::
     <root>/<fingerprint>/tokens.npy   int32 (N,)   token ids of all items, back to back
                          loss.npy     uint8 (N,)   1 where the token is a training target
                          offsets.npy  int64 (I+1,) item i is tokens[offsets[i]:offsets[i+1]]
+                         spans.npy    int32 (N, 4) only for cross-tokenizer runs: each token's
+                                      example, canonical character span, first/last flags
                          manifest.json             counts, settings, format version
 
 Items are blocks of exactly ``max_length`` tokens (packing) or single truncated examples.
@@ -34,7 +36,7 @@ from .formats import Encoded
 FORMAT_VERSION = 1
 IGNORE_INDEX = -100
 _ARRAYS = ("tokens", "loss", "offsets")
-CACHE_FILES = frozenset({f"{name}.npy" for name in _ARRAYS} | {"manifest.json"})  # what write_cache puts in a folder
+CACHE_FILES = frozenset({f"{name}.npy" for name in _ARRAYS} | {"manifest.json", "spans.npy"})  # what write_cache puts in a folder
 log = logging.getLogger("potstill")
 
 
@@ -48,8 +50,9 @@ class TokenizedDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, tokens: np.ndarray, loss: np.ndarray, offsets: np.ndarray, manifest: dict[str, Any],
-                 cache_path: Path | None = None):
+                 cache_path: Path | None = None, spans: np.ndarray | None = None):
         self.tokens, self.loss, self.offsets = tokens, loss, offsets
+        self.spans = spans  # (N, 4) int32 or None: see potstill.data.formats.token_spans
         self.manifest = manifest
         self.cache_path = cache_path
         self.fingerprint: str = manifest["fingerprint"]
@@ -71,6 +74,8 @@ class TokenizedDataset(torch.utils.data.Dataset):
         input_ids = torch.from_numpy(np.asarray(self.tokens[a:b], dtype=np.int64))
         labels = input_ids.clone()
         labels[torch.from_numpy(np.asarray(self.loss[a:b]) == 0)] = IGNORE_INDEX
+        if self.spans is not None:
+            return {"input_ids": input_ids, "labels": labels, "spans": np.asarray(self.spans[a:b])}
         return {"input_ids": input_ids, "labels": labels}
 
     @classmethod
@@ -88,15 +93,20 @@ class TokenizedDataset(torch.utils.data.Dataset):
                              f"!= {FORMAT_VERSION}")
         arrays = {name: np.load(path / f"{name}.npy", mmap_mode="r", allow_pickle=False) for name in _ARRAYS}
         check_arrays(arrays, manifest)
+        spans = None
+        if manifest.get("spans"):
+            spans = np.load(path / "spans.npy", mmap_mode="r", allow_pickle=False)
+            if spans.dtype != np.int32 or spans.shape != (len(arrays["tokens"]), 4):
+                raise ValueError(f"spans.npy holds {spans.dtype} {spans.shape}, not int32 ({len(arrays['tokens'])}, 4)")
         if vocab_size is not None:
             check_values(arrays, manifest, vocab_size)
-        return cls(arrays["tokens"], arrays["loss"], arrays["offsets"], manifest, cache_path=path)
+        return cls(arrays["tokens"], arrays["loss"], arrays["offsets"], manifest, cache_path=path, spans=spans)
 
     # Workers started with spawn get the folder to re-map, not a copy of the arrays.
     def __getstate__(self):
         state = dict(self.__dict__)
         if self.cache_path is not None:
-            state.update(tokens=None, loss=None, offsets=None)
+            state.update(tokens=None, loss=None, offsets=None, spans=None)
         return state
 
     def __setstate__(self, state):
@@ -104,6 +114,8 @@ class TokenizedDataset(torch.utils.data.Dataset):
         if self.tokens is None:
             for name in _ARRAYS:
                 setattr(self, name, np.load(Path(self.cache_path) / f"{name}.npy", mmap_mode="r"))
+            if self.manifest.get("spans"):
+                self.spans = np.load(Path(self.cache_path) / "spans.npy", mmap_mode="r")
 
 
 _DTYPES = {"tokens": np.int32, "loss": np.uint8, "offsets": np.int64}
@@ -176,40 +188,46 @@ def count_loss_tokens(labels: torch.Tensor) -> int:
     return int((labels[:, 1:] != IGNORE_INDEX).sum())
 
 
-def pack(enc: Encoded, max_length: int, packing: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, int]]:
-    """Cut examples into items: (tokens int32, loss uint8, offsets int64, counts).
+def pack(enc: Encoded, max_length: int, packing: bool
+         ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, int], np.ndarray | None]:
+    """Cut examples into items: (tokens int32, loss uint8, offsets int64, counts, spans or None).
 
     packing: all examples back to back, blocks of exactly ``max_length``, the partial tail
     dropped (unless it is all there is: then one shorter block). Else: one item per
     example, truncated to ``max_length``; examples left without loss tokens are dropped.
+    ``enc.spans`` (cross-tokenizer runs) follow their tokens.
     """
     total = len(enc.tokens)
+    spans = enc.spans
     if packing:
         n_blocks = total // max_length
         if n_blocks == 0 and total > 0:
-            return enc.tokens, enc.loss, np.array([0, total], np.int64), {"dropped_tokens": 0, "truncated": 0}
+            return enc.tokens, enc.loss, np.array([0, total], np.int64), {"dropped_tokens": 0, "truncated": 0}, spans
         keep = n_blocks * max_length
         offsets = np.arange(n_blocks + 1, dtype=np.int64) * max_length
-        return enc.tokens[:keep], enc.loss[:keep], offsets, {"dropped_tokens": total - keep, "truncated": 0}
+        return (enc.tokens[:keep], enc.loss[:keep], offsets, {"dropped_tokens": total - keep, "truncated": 0},
+                None if spans is None else spans[:keep])
     starts = np.concatenate([[0], np.cumsum(enc.lengths)[:-1]]).astype(np.int64)
     kept = np.minimum(enc.lengths, max_length)
     index = np.repeat(starts, kept) + (np.arange(int(kept.sum())) - np.repeat(np.cumsum(kept) - kept, kept))
     tokens, loss = enc.tokens[index], enc.loss[index]
+    spans = None if spans is None else spans[index]
     item_loss = np.add.reduceat(loss.astype(np.int64), np.cumsum(kept) - kept) if len(kept) else np.zeros(0)
     alive = (kept > 0) & (item_loss > 0)
     if not alive.all():  # truncation cut away every loss token of these examples
         keep_tok = np.repeat(alive, kept)
         tokens, loss, kept = tokens[keep_tok], loss[keep_tok], kept[alive]
+        spans = None if spans is None else spans[keep_tok]
     offsets = np.concatenate([[0], np.cumsum(kept)]).astype(np.int64)
     counts = {"dropped_tokens": int(total - len(tokens)), "truncated": int((enc.lengths > max_length).sum()),
               "no_loss_after_truncation": int((~alive).sum())}
-    return tokens.astype(np.int32), loss.astype(np.uint8), offsets, counts
+    return tokens.astype(np.int32), loss.astype(np.uint8), offsets, counts, spans
 
 
 def make_dataset(enc: Encoded, *, fingerprint: str, max_length: int, packing: bool, role: str, describe: str,
                  cache_root: Path | None) -> TokenizedDataset:
     """Pack ``enc``, write it to ``cache_root/fingerprint`` (when possible) and return the dataset."""
-    tokens, loss, offsets, counts = pack(enc, max_length, packing)
+    tokens, loss, offsets, counts, spans = pack(enc, max_length, packing)
     if not loss.any():
         raise DataError(f"the {role} data from {describe} has no loss tokens left after truncation to "
                         f"data.max_length={max_length} ({len(enc.lengths)} examples): raise data.max_length, "
@@ -218,9 +236,11 @@ def make_dataset(enc: Encoded, *, fingerprint: str, max_length: int, packing: bo
         "version": FORMAT_VERSION, "fingerprint": fingerprint, "role": role, "source": describe,
         "format": enc.format, "max_length": max_length, "packing": packing,
         "n_items": len(offsets) - 1, "n_tokens": int(len(tokens)), "n_loss_tokens": int(loss.sum(dtype=np.int64)),
-        "stats": {**enc.stats, **counts},
+        "stats": {**enc.stats, **counts}, "spans": spans is not None,
     }
     arrays = {"tokens": tokens, "loss": loss, "offsets": offsets}
+    if spans is not None:
+        arrays["spans"] = np.ascontiguousarray(spans, dtype=np.int32)
     path = None
     if cache_root is not None:
         try:
@@ -235,7 +255,8 @@ def make_dataset(enc: Encoded, *, fingerprint: str, max_length: int, packing: bo
             # The arrays are still in memory: train from them and say why the cache was not used.
             log.warning("could not read back the data cache %s (%s); keeping the tokens in memory",
                         path, err)
-    return TokenizedDataset(tokens, loss, offsets, manifest, cache_path=None)
+    return TokenizedDataset(tokens, loss, offsets, manifest, cache_path=None,
+                            spans=None if spans is None else arrays["spans"])
 
 
 def load_cache(cache_root: Path, fingerprint: str, *, vocab_size: int | None = None) -> TokenizedDataset | None:

@@ -194,6 +194,8 @@ def _shard_problem(m: dict[str, Any], entry: dict[str, Any], arrays: dict[str, n
         expected.update(logp=(value_dtype, (rows, m["k"])), rest=(value_dtype, (rows,)))
     else:
         expected.update(entropy=(np.float16, (rows,)))
+    if m.get("offsets"):  # a cross-tokenizer cache: each row's predicted token and its character span
+        expected.update(token=(np.int32, (rows,)), spans=(np.int32, (rows, 4)))
     for name, (dtype, shape) in expected.items():
         if name not in arrays:
             return f"no {name!r} array"
@@ -372,6 +374,8 @@ class CacheReader:
 
     ``rows(i)`` gives example ``i``'s decoded rows: ``ids`` int64 (R_i, K) and, for top-k,
     ``logp`` float32 (R_i, K) and ``rest`` float32 (R_i,), for sampled ``entropy`` float32 (R_i,).
+    A cache captured with offsets (cross-tokenizer) also gives ``token`` (R_i,) the teacher token
+    each row predicts and ``spans`` (R_i, 4) its canonical character span.
     """
 
     def __init__(self, folder: str | Path):
@@ -412,4 +416,7 @@ class CacheReader:
             out["rest"] = dequantize_logp(arrays["rest"][a:b], self.value_bits)
         else:
             out["entropy"] = arrays["entropy"][a:b].astype(np.float32)
+        if self.manifest.get("offsets"):
+            out["token"] = arrays["token"][a:b].astype(np.int64)
+            out["spans"] = arrays["spans"][a:b].astype(np.int64)
         return out

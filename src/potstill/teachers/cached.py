@@ -44,8 +44,9 @@ class CachedTeacher(Teacher):
         where = f"teacher.cache {self.reader.folder}"
         if m["tokenizer_sha256"] != tokenizer_sha256(tokenizer):
             raise CacheError(f"{where} was captured with another tokenizer than this run's "
-                             f"({type(tokenizer).__name__}, {len(tokenizer)} tokens): capture it again with the "
-                             "student's tokenizer, or use the student the cache was made for")
+                             f"({type(tokenizer).__name__}, {len(tokenizer)} tokens) and without character offsets: "
+                             "capture it again with cache.offsets=true (then it trains students with any tokenizer), "
+                             "or with the student's tokenizer")
         fp, n = m["dataset"]["fingerprint"], m["dataset"]["n_examples"]
         if fp != train_ds.fingerprint or n != len(train_ds):
             raise CacheError(f"{where} was captured on another tokenized dataset ({n} examples, fingerprint "

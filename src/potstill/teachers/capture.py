@@ -41,7 +41,7 @@ import torch
 
 from ..atomic import disk_errors
 from ..config import DistillConfig, as_config
-from ..data import build_datasets, collate
+from ..data import build_datasets, build_teacher_view, collate, text_fingerprint
 from ..errors import ConfigError, ServerError
 from ..models.precision import autocast_context, compute_dtype, resolve_precision
 from ..models.preflight import preflight
@@ -92,6 +92,9 @@ def teacher_rows(logits: torch.Tensor, labels: torch.Tensor, *, kind: str, k: in
 def encode_rows(rows: dict[str, np.ndarray], *, kind: str, vocab_size: int, value_bits: int) -> dict[str, np.ndarray]:
     """Rows in the shard encoding (see :mod:`potstill.teachers.cache_format`)."""
     out = {"ids": fmt.pack_ids(rows["ids"], fmt.id_bits(vocab_size))}
+    for key in ("token", "spans"):  # a cross-tokenizer cache (cache.offsets)
+        if key in rows:
+            out[key] = rows[key]
     if kind == "topk":
         out["logp"] = fmt.quantize_logp(rows["logp"], value_bits)
         out["rest"] = fmt.quantize_logp(rows["rest"], value_bits)
@@ -105,6 +108,10 @@ def cache_teacher(config, *, overrides=(), progress: bool = True) -> dict[str, A
     cfg: DistillConfig = as_config(config, overrides)
     cc = cfg.cache
     served = cfg.teacher.server is not None
+    if cc.offsets and (served or cc.kind != "topk"):
+        raise ConfigError("cache.offsets (a cross-tokenizer cache) is captured from a teacher loaded in this process "
+                          "with cache.kind=topk: " + ("drop teacher.server and set teacher.name_or_path" if served
+                                                      else "set cache.kind=topk"))
     if served:
         check_served_settings(cfg)
     elif cfg.teacher.name_or_path is None:
@@ -145,7 +152,10 @@ def local_source(cfg: DistillConfig, checked, *, progress: bool) -> Source:
     precision = resolve_precision(cfg.train.precision)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     t_dtype = teacher_dtype(cfg.teacher.dtype, compute_dtype(precision))
-    train_ds, _ = build_datasets(cfg.data, checked.tokenizer, seed=cfg.train.seed, progress=progress)
+    if cc.offsets:  # the teacher's own tokenization, one example per item, with character spans
+        train_ds = build_teacher_view(cfg.data, checked.teacher_tokenizer, seed=cfg.train.seed, progress=progress)
+    else:
+        train_ds, _ = build_datasets(cfg.data, checked.tokenizer, seed=cfg.train.seed, progress=progress)
     teacher, tok = load_teacher(cfg.teacher, dtype=t_dtype, tokenizer=checked.teacher_tokenizer)
     teacher.to(device).eval()
     vocab = output_rows(teacher)
@@ -160,13 +170,19 @@ def local_source(cfg: DistillConfig, checked, *, progress: bool) -> Source:
         parts: list[dict[str, np.ndarray]] = []
         counts: list[np.ndarray] = []
         for a in range(lo, hi, batch_size):
-            batch = collate([train_ds[i] for i in range(a, min(a + batch_size, hi))], tok.pad_token_id)
+            items = [train_ds[i] for i in range(a, min(a + batch_size, hi))]
+            if cc.offsets:
+                items = [with_context_token(item, tok) for item in items]
+            batch = collate(items, tok.pad_token_id)
             batch = {key: v.to(device) for key, v in batch.items()}
             with torch.no_grad(), autocast():
                 logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             got, per_example = teacher_rows(logits, batch["labels"], kind=cc.kind, k=k,
                                             temperature=cfg.loss.logits.temperature, generator=gen)
-            parts.append({key: v.cpu().numpy() for key, v in got.items()})
+            got = {key: v.cpu().numpy() for key, v in got.items()}
+            if cc.offsets:  # what each row predicts, and where that token sits in the text
+                got.update(span_rows(train_ds, range(a, min(a + batch_size, hi)), batch["labels"].cpu(), tok))
+            parts.append(got)
             counts.append(per_example.cpu().numpy())
             bar.update(int(batch["attention_mask"][:, 1:].sum()))
         return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}, np.concatenate(counts)
@@ -174,6 +190,32 @@ def local_source(cfg: DistillConfig, checked, *, progress: bool) -> Source:
     teacher_entry = {"name": model_name(cfg.teacher.name_or_path), "revision": cfg.teacher.revision,
                      "vocab_size": vocab, "dtype": str(t_dtype).removeprefix("torch."), "precision": precision}
     return Source(train_ds, tok, vocab, k, teacher_entry, rows)
+
+
+def with_context_token(item: dict, tokenizer) -> dict:
+    """A teacher-view example whose first token spells text, with the tokenizer's BOS (else EOS)
+    put before it, as a packed stream has the previous example's EOS there: otherwise its first
+    token would have no prediction in the cache, while a run reading the teacher online predicts it."""
+    spans = np.asarray(item["spans"])
+    token = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if not len(spans) or spans[0, 1] < 0 or token is None:
+        return item
+    head = np.array([[spans[0, 0], -1, -1, 0]], dtype=spans.dtype)
+    return {"input_ids": torch.cat([torch.tensor([token]), item["input_ids"]]),
+            "labels": torch.cat([torch.tensor([-100]), item["labels"]]), "spans": np.concatenate([head, spans])}
+
+
+def span_rows(view, indices, labels: torch.Tensor, tokenizer) -> dict[str, np.ndarray]:
+    """For the valid rows of a batch of teacher-view items (row-major, as :func:`teacher_rows`):
+    ``token`` (R,) int32 the token each row predicts, ``spans`` (R, 4) int32 its character span."""
+    tokens, spans = [], []
+    for b, i in enumerate(indices):
+        item = with_context_token(view[i], tokenizer)
+        n = len(item["input_ids"])
+        keep = (labels[b, 1:n] != -100).numpy()
+        tokens.append(item["input_ids"].numpy()[1:][keep])
+        spans.append(np.asarray(item["spans"])[1:][keep])
+    return {"token": np.concatenate(tokens).astype(np.int32), "spans": np.concatenate(spans).astype(np.int32)}
 
 
 # ----------------------------------------------------------------------------------------
@@ -278,6 +320,9 @@ def _capture(cfg: DistillConfig, source: Source, *, progress: bool) -> dict[str,
         "examples_per_shard": per_shard, "seed": cc.seed if cc.kind == "sampled" else None,
         "n_shards": -(-n // per_shard),
     }
+    if cc.offsets:  # rows in the teacher's own tokenization, aligned by character spans at training time
+        header["offsets"] = {"text_fingerprint": text_fingerprint(cfg.data, seed=cfg.train.seed), "examples": [
+            int(train_ds.spans[int(o), 0]) for o in np.asarray(train_ds.offsets[:-1])]}
     manifest = _open_for_writing(folder, {**header, **source.extra}, overwrite=cc.overwrite)
     start = len(manifest["shards"])
     if start:

@@ -9,6 +9,9 @@ A :class:`TeacherSignal` has one ``kind``, and the objective picks its loss form
 ``sparse``  a few numbers per valid position (:class:`SparseTargets`): the top-k ids with
             their log-probs and the log of the mass outside them, or k ids sampled from the
             teacher with its entropy. A teacher cache gives these; so will a served teacher.
+``aligned`` a teacher with another tokenizer (:class:`AlignedTargets`): its top-k at the
+            positions where its tokens and the student's start at the same character, with
+            the ids translated into the student's vocabulary where they exist there.
 ``none``    no logit signal: the run trains on hard labels (and feature terms) only.
 
 Any kind may carry ``activations``: the teacher's hidden states / q-k-v projections at the
@@ -27,7 +30,7 @@ from ..features.hooks import Captured
 from ..losses.sparse import SPARSE_DIVERGENCES
 from ..models.heads import HeadParams
 
-SignalKind = Literal["dense", "sparse", "none"]
+SignalKind = Literal["dense", "sparse", "aligned", "none"]
 
 
 @dataclass
@@ -57,6 +60,28 @@ class SparseTargets:
 
 
 @dataclass
+class AlignedTargets:
+    """A teacher with another tokenizer, at the A student positions aligned with one of its own.
+
+    ``rows`` (A,) int64: indices into the student's valid rows (the order of
+    ``logits[:, :-1][labels[:, 1:] != -100]``). ``ids`` (A, k) int64: the teacher's top-k ids
+    translated to student ids, -1 where the teacher's token has no student twin; ``logp`` (A, k)
+    float32 the teacher's log-probs at the temperature, sorted descending; ``rest`` (A,) the log of
+    its mass outside the k; ``exact`` (A,) bool: the two tokens have the same span and bytes
+    (:mod:`potstill.data.alignment`).
+    """
+
+    rows: torch.Tensor
+    ids: torch.Tensor
+    logp: torch.Tensor
+    rest: torch.Tensor
+    exact: torch.Tensor
+
+    def to(self, device: torch.device) -> "AlignedTargets":
+        return AlignedTargets(*(t.to(device) for t in (self.rows, self.ids, self.logp, self.rest, self.exact)))
+
+
+@dataclass
 class TeacherSignal:
     """The teacher's signal for one micro-batch (see the module docstring for the kinds)."""
 
@@ -65,6 +90,7 @@ class TeacherSignal:
     head: Optional[HeadParams] = None           # dense, chunked path: the head that turns them into logits
     logits: Optional[torch.Tensor] = None       # dense, plain path: (B, T, Vt)
     sparse: Optional[SparseTargets] = None      # sparse: rows of the valid positions
+    aligned: Optional[AlignedTargets] = None    # aligned: a teacher with another tokenizer
     activations: Optional[Captured] = None      # feature terms' layers, any kind
 
     @property

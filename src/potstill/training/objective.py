@@ -4,9 +4,12 @@
 final hidden states + head on the chunked path, logits on the plain path) and the teacher's
 :class:`~potstill.teachers.signal.TeacherSignal`, and picks the loss form from the two:
 
-    student | teacher    dense                      sparse (top-k / sampled)    none
-    hidden + head        chunked_distill_loss       sparse_chunked_loss         chunked CE
-    logits               fused_logit_loss           topk / sampled divergence   fused CE
+    student | teacher    dense                      sparse (top-k / sampled)    aligned                none
+    hidden + head        chunked_distill_loss       sparse_chunked_loss         aligned_divergence     chunked CE
+    logits               fused_logit_loss           topk / sampled divergence   aligned_divergence     fused CE
+
+(``aligned``: a teacher with another tokenizer, compared at the aligned rows only; the hidden
+path makes the student's logits for those rows a block at a time, recomputed in backward.)
 
 then adds the feature terms (hidden states, attention relations) when the run has them.
 
@@ -33,6 +36,7 @@ from ..data.batching import MicroBatch
 from ..features.distiller import FeatureDistiller
 from ..features.hooks import Captured
 from ..losses import chunked_distill_loss, cross_entropy, logit_divergence
+from ..losses.aligned import aligned_divergence
 from ..losses.chunked import DEFAULT_MEMORY_BUDGET_MB
 from ..losses.fused_logits import fused_logit_loss
 from ..losses.sparse import sampled_forward_kl, topk_divergence
@@ -107,6 +111,7 @@ class Objective:
             ("hidden", "sparse"): self._sparse_chunked,
             ("logits", "dense-logits"): self._dense_plain, ("logits", "none"): self._dense_plain,
             ("logits", "sparse"): self._sparse_plain,
+            ("hidden", "aligned"): self._aligned, ("logits", "aligned"): self._aligned,
         }
 
     def compute(self, student: StudentOutput, teacher: TeacherSignal, batch: MicroBatch) -> ObjectiveOutput:
@@ -136,6 +141,79 @@ class Objective:
 
     def _sparse_plain(self, student: StudentOutput, teacher: TeacherSignal, labels: torch.Tensor):
         return self.sparse(student.logits, labels, teacher.sparse)
+
+    def _aligned(self, student: StudentOutput, teacher: TeacherSignal, labels: torch.Tensor) -> ObjectiveOutput:
+        """A teacher with another tokenizer (:class:`~potstill.teachers.signal.AlignedTargets`): the
+        cross-tokenizer divergence at the aligned rows, hard-label CE on every valid row."""
+        lc, xc, a = self.cfg.logits, self.cfg.cross_tokenizer, teacher.aligned
+        mask = labels[:, 1:] != IGNORE_INDEX
+        terms: dict[str, torch.Tensor] = {}
+        if student.hidden is not None:
+            hidden = student.hidden[:, :-1]
+            head = student.head
+            ce_out = None
+            if self.cfg.ce.weight > 0:
+                with self.autocast():
+                    ce_out = chunked_distill_loss(
+                        hidden.reshape(-1, hidden.shape[-1]), head.weight, labels[:, 1:].reshape(-1), kd_weight=0.0,
+                        ce_weight=self.cfg.ce.weight, student_bias=head.bias, student_softcap=head.softcap,
+                        chunk_size=self.cfg.chunk_size, memory_budget_mb=self.cfg.memory_budget_mb)
+            total = ce_out.weighted_sum if ce_out is not None else hidden.new_zeros((), dtype=torch.float32)
+            if ce_out is not None:
+                terms.update(ce_out.term_sums)
+            if lc.weight > 0:
+                rows = hidden[mask][a.rows]
+                kd, parts = self._aligned_blocks(rows, head, a)
+                total = total + self.kd_scale * kd
+                terms.update(parts)
+            return ObjectiveOutput(weighted_sum=total, n_valid=count_valid(labels), term_sums=terms)
+        s, shifted, _ = shift(student.logits, labels)
+        total = s.new_zeros((), dtype=torch.float32)
+        if lc.weight > 0:
+            kd, _, parts = aligned_divergence(lc.divergence, s[mask][a.rows], a.ids, a.logp, a.rest, a.exact,
+                                              mode=xc.mode, temperature=lc.temperature, beta=lc.beta,
+                                              exact_weight=xc.exact_weight, uld_weight=xc.uld_weight)
+            total = total + self.kd_scale * kd
+            terms.update(kd=kd.detach(), **{f"kd_{k}": v for k, v in parts.items()})
+        if self.cfg.ce.weight > 0:
+            ce, _ = cross_entropy(s, shifted, ignore_index=IGNORE_INDEX)
+            terms["ce"] = ce.detach()
+            total = total + self.cfg.ce.weight * ce
+        return ObjectiveOutput(weighted_sum=total, n_valid=count_valid(labels), term_sums=terms)
+
+    def _aligned_blocks(self, rows: torch.Tensor, head: HeadParams, a) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The aligned divergence from hidden rows (A, H) and the head, in blocks of rows whose
+        logits fit ``loss.memory_budget_mb``; each block's logits are recomputed in backward
+        (activation checkpointing), so no (A, V) tensor outlives its block."""
+        from torch.utils.checkpoint import checkpoint
+
+        lc, xc = self.cfg.logits, self.cfg.cross_tokenizer
+        vocab = head.weight.shape[0]
+        block = max(1, int(self.cfg.memory_budget_mb * 2**20 // (vocab * 4 * 4)))
+
+        def part(h, ids, logp, rest, exact):
+            with self.autocast():
+                logits = h @ head.weight.T
+                if head.bias is not None:
+                    logits = logits + head.bias
+            if head.softcap is not None:
+                logits = head.softcap * torch.tanh(logits.float() / head.softcap)
+            kd, _, parts = aligned_divergence(lc.divergence, logits, ids, logp, rest, exact, mode=xc.mode,
+                                              temperature=lc.temperature, beta=lc.beta,
+                                              exact_weight=xc.exact_weight, uld_weight=xc.uld_weight)
+            return kd, parts["exact"], parts["uld"]
+
+        total = rows.new_zeros((), dtype=torch.float32)
+        exact_sum = torch.zeros(())
+        uld_sum = torch.zeros(())
+        for lo in range(0, max(len(rows), 1), block):
+            sl = slice(lo, lo + block)
+            args = (rows[sl], a.ids[sl], a.logp[sl], a.rest[sl], a.exact[sl])
+            kd, e, u = checkpoint(part, *args, use_reentrant=False) if rows.requires_grad else part(*args)
+            total = total + kd
+            exact_sum = exact_sum + e.detach().float().cpu()
+            uld_sum = uld_sum + u.detach().float().cpu()
+        return total, {"kd": total.detach(), "kd_exact": exact_sum, "kd_uld": uld_sum}
 
     @property
     def needs_teacher(self) -> bool:

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..config import DistillConfig
-from ..data import build_datasets
+from ..data import build_datasets, build_teacher_view
 from ..data.batching import StepBatcher
 from ..data.preflight import warn_about_datasets
 from ..errors import ConfigError, ModelError
@@ -116,13 +116,17 @@ def build_run(cfg: DistillConfig, accelerator, precision: str, run_dir: Path, *,
     if cfg.teacher.cache is not None:  # its manifest first: a missing or damaged cache is one line
         check_manifest(Path(cfg.teacher.cache), read_manifest(Path(cfg.teacher.cache)))
     checked = preflight(cfg, role="distill", check_data=False)
+    cross = plan_cross_tokenizer(cfg, checked)
     if cfg.eval.tasks:  # lm-eval installed, the task names known, the local task folders there
         from .tasks import check_tasks
 
         check_tasks(cfg.eval.tasks, cfg.eval.task_paths)
     with accelerator.main_process_first():
         train_ds, val_ds = build_datasets(onpolicy_data_config(cfg), checked.tokenizer, seed=cfg.train.seed,
-                                          progress=progress and accelerator.is_main_process)
+                                          progress=progress and accelerator.is_main_process, spans=cross is not None)
+        if cross is not None and cfg.teacher.cache is None:
+            cross.view = build_teacher_view(cfg.data, cross.teacher_tokenizer, seed=cfg.train.seed,
+                                            progress=progress and accelerator.is_main_process)
     tc = cfg.train
     batcher = StepBatcher(len(train_ds), batch_size=tc.batch_size, grad_accum=tc.grad_accum,
                           world_size=accelerator.num_processes, rank=accelerator.process_index, seed=tc.seed)
@@ -131,7 +135,8 @@ def build_run(cfg: DistillConfig, accelerator, precision: str, run_dir: Path, *,
         warn_about_datasets(train_ds, val_ds, epochs=batcher.epoch_of(max_steps))
 
     server = connect_server(cfg, tokenizer=checked.tokenizer, train_ds=train_ds)  # a served teacher: checked first
-    teacher_model, student, tokenizer, shared_vocab = load_models(cfg, precision, checked, meta=strategy.meta_init)
+    teacher_model, student, tokenizer, shared_vocab = load_models(cfg, precision, checked, meta=strategy.meta_init,
+                                                                  cross=cross is not None)
     features = FeatureDistiller.build(cfg.loss, teacher_model, student, seed=cfg.train.seed)
     if features is not None:
         features.to(device)
@@ -142,8 +147,12 @@ def build_run(cfg: DistillConfig, accelerator, precision: str, run_dir: Path, *,
              type(teacher_model).__name__ if teacher_model is not None else "none",
              precision, device, accelerator.num_processes)
 
-    teacher = build_teacher(cfg, model=teacher_model, student=student, tokenizer=tokenizer, train_ds=train_ds,
-                            features=features, server=server, autocast=autocast)
+    if cross is not None:
+        teacher = build_aligned_teacher(cfg, cross, model=teacher_model, student=student, tokenizer=tokenizer,
+                                        train_ds=train_ds, autocast=autocast)
+    else:
+        teacher = build_teacher(cfg, model=teacher_model, student=student, tokenizer=tokenizer, train_ds=train_ds,
+                                features=features, server=server, autocast=autocast)
     student = strategy.place_student(student)
     optimizer, scheduler = build_optimizer(cfg, student, features, max_steps)
     wrapped, raw_student, optimizer = strategy.prepare(student, optimizer)
@@ -163,14 +172,15 @@ def build_run(cfg: DistillConfig, accelerator, precision: str, run_dir: Path, *,
                optimizer=optimizer, scheduler=scheduler, shared_vocab=shared_vocab, n_params=n_params)
 
 
-def load_models(cfg: DistillConfig, precision: str, checked: Preflight | None = None, *, meta: bool = False
-                ) -> tuple[nn.Module | None, nn.Module, Any, int | None]:
+def load_models(cfg: DistillConfig, precision: str, checked: Preflight | None = None, *, meta: bool = False,
+                cross: bool = False) -> tuple[nn.Module | None, nn.Module, Any, int | None]:
     """(frozen teacher model or None, trainable student, tokenizer, shared vocabulary or None).
 
     ``checked``: what :func:`~potstill.models.preflight.preflight` loaded (the tokenizers); run
     here when not given. A teacher cache replaces the teacher model. A teacher whose vocabulary
     differs from the student's is refused where a logit or feature term needs it, else dropped
-    (no evaluation against it). ``meta``: models built on the meta device where they can be, no
+    (no evaluation against it), unless ``cross`` (a cross-tokenizer run: the logit term aligns
+    the two tokenizations). ``meta``: models built on the meta device where they can be, no
     weights read (their shards come from the main process: :mod:`.sharding`)."""
     checked = checked or preflight(cfg, role="distill", check_data=False)
     teacher, teacher_tok = None, None
@@ -180,7 +190,7 @@ def load_models(cfg: DistillConfig, precision: str, checked: Preflight | None = 
     student, tokenizer = load_student(cfg.student, teacher=teacher, teacher_tokenizer=teacher_tok,
                                       tokenizer=checked.tokenizer, meta=meta)
     shared_vocab = None
-    if teacher is not None:
+    if teacher is not None and not cross:
         try:
             shared_vocab = check_vocab(teacher, teacher_tok, student, tokenizer).shared
         except ModelError:
@@ -189,6 +199,94 @@ def load_models(cfg: DistillConfig, precision: str, checked: Preflight | None = 
             log.warning("teacher and student vocabularies differ: the teacher is not used in evaluation")
             teacher = None
     return teacher, student, tokenizer, shared_vocab
+
+
+@dataclass
+class CrossTokenizerPlan:
+    """A run whose teacher tokenizes differently: the teacher's tokenizer, the cache's manifest
+    (a cache captured with offsets) or the teacher's view of the train split (online)."""
+
+    teacher_tokenizer: Any
+    manifest: dict | None = None
+    view: Any = None
+
+
+def plan_cross_tokenizer(cfg: DistillConfig, checked: Preflight) -> CrossTokenizerPlan | None:
+    """Whether this run distills across tokenizers, decided before the data are tokenized (the
+    student's tokens then carry character spans); what such a run cannot do is refused here, in
+    one line. A cache captured with ``cache.offsets`` always aligns (it holds the teacher's own
+    tokenization); a teacher loaded here does when its tokenizer differs from the student's."""
+    from ..models.teacher_model import teacher_tokenizer
+    from ..models.vocab import same_tokenizer
+
+    manifest = None
+    if cfg.teacher.cache is not None:
+        manifest = read_manifest(Path(cfg.teacher.cache))
+        if not manifest.get("offsets"):
+            return None
+        if cfg.teacher.tokenizer is None and cfg.teacher.name_or_path is None:
+            raise ModelError(f"teacher.cache {cfg.teacher.cache} holds the teacher's own tokenization (captured with "
+                             "cache.offsets): set teacher.tokenizer (or teacher.name_or_path) to the teacher's tokenizer, "
+                             "which maps its token ids to the student's")
+        teacher_tok = checked.teacher_tokenizer or teacher_tokenizer(cfg.teacher)
+    else:
+        teacher_tok = checked.teacher_tokenizer
+        if (teacher_tok is None or cfg.teacher.server is not None or cfg.loss.logits.weight <= 0
+                or same_tokenizer(teacher_tok, checked.tokenizer)):
+            return None
+    what = "this cache (captured with cache.offsets)" if manifest else "a teacher with another tokenizer"
+    if cfg.loss.uses_features:
+        raise ConfigError(f"loss.hidden / loss.attention compare the two models token by token, which {what} does "
+                          "not allow (the tokens differ): set their weights to 0, or use a student with the "
+                          "teacher's tokenizer")
+    if cfg.onpolicy.enabled:
+        raise ConfigError(f"onpolicy with {what} is not supported yet (the student's samples have no teacher "
+                          "tokenization): set onpolicy.lmbda=0, or use a student with the teacher's tokenizer")
+    if cfg.train.strategy == "fsdp":
+        raise ConfigError(f"train.strategy=fsdp with {what} is not supported yet: use ddp (train.strategy=auto)")
+    log.info("cross-tokenizer distillation: teacher %s (%d tokens), student %s (%d tokens); tokens aligned by "
+             "character (loss.cross_tokenizer.mode=%s)", type(teacher_tok).__name__, len(teacher_tok),
+             type(checked.tokenizer).__name__, len(checked.tokenizer), cfg.loss.cross_tokenizer.mode)
+    return CrossTokenizerPlan(teacher_tokenizer=teacher_tok, manifest=manifest)
+
+
+def build_aligned_teacher(cfg: DistillConfig, cross: CrossTokenizerPlan, *, model: nn.Module | None,
+                          student: nn.Module, tokenizer, train_ds, autocast) -> Teacher:
+    """The teacher source of a cross-tokenizer run: the cache, or the model reading its own view."""
+    from ..data import text_fingerprint
+    from ..models.vocab import output_rows
+    from ..models.vocab_map import build_vocab_map
+    from ..teachers.aligned import CachedAlignedTeacher, OnlineAlignedTeacher
+    from ..teachers.cache_format import CacheReader, CacheError
+    from ..teachers.cached import tokenizer_sha256
+
+    cc = cfg.loss.cross_tokenizer
+    if cross.manifest is not None:
+        reader = CacheReader(cfg.teacher.cache)
+        m = reader.manifest
+        where = f"teacher.cache {cfg.teacher.cache}"
+        if m["tokenizer_sha256"] != tokenizer_sha256(cross.teacher_tokenizer):
+            raise CacheError(f"{where} was captured with another tokenizer than teacher.tokenizer "
+                             f"({type(cross.teacher_tokenizer).__name__}, {len(cross.teacher_tokenizer)} tokens): "
+                             "name the tokenizer of the teacher that made the cache")
+        if m["offsets"]["text_fingerprint"] != text_fingerprint(cfg.data, seed=cfg.train.seed):
+            raise CacheError(f"{where} was captured on other texts than this run's (data source, split or format "
+                             "settings differ): capture it with this data section")
+        if abs(float(m["temperature"]) - cfg.loss.logits.temperature) > 1e-12:
+            raise ConfigError(f"{where} holds teacher log-probs at temperature {m['temperature']}, the run asks for "
+                              f"loss.logits.temperature={cfg.loss.logits.temperature}: set it to {m['temperature']} "
+                              "or capture again")
+        vmap = build_vocab_map(tokenizer, cross.teacher_tokenizer, student_rows=output_rows(student),
+                               teacher_rows=int(m["teacher"]["vocab_size"]))
+        log.info("vocabulary map: %s", vmap.describe())
+        return CachedAlignedTeacher(reader, train_ds=train_ds, vocab_map=vmap, temperature=cfg.loss.logits.temperature,
+                                    examples=m["offsets"]["examples"])
+    vmap = build_vocab_map(tokenizer, cross.teacher_tokenizer, student_rows=output_rows(student),
+                           teacher_rows=output_rows(model))
+    log.info("vocabulary map: %s", vmap.describe())
+    return OnlineAlignedTeacher(model, view=cross.view, train_ds=train_ds, vocab_map=vmap, top_k=cc.top_k,
+                                temperature=cfg.loss.logits.temperature,
+                                pad_token_id=cross.teacher_tokenizer.pad_token_id, autocast=autocast)
 
 
 def build_optimizer(cfg: DistillConfig, student: nn.Module, features: FeatureDistiller | None, max_steps: int):
