@@ -1,4 +1,5 @@
-"""Bits per byte: the byte count of the scored text, and the metric two tokenizers share."""
+"""Bits per byte (and per character): the byte and character counts of the scored text, and the metrics
+two tokenizers share."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from transformers import AutoTokenizer
 import tiny
 from potstill.commands.quickstart import DEMO_TEACHER
 from potstill.data.tokenized import TokenizedDataset
-from potstill.training.evaluation import evaluate_models, scored_bytes
+from potstill.training.evaluation import evaluate_models, scored_bytes, scored_chars
 
 TEXTS = ["Größe of ünïcödé: 日本語 and emoji 🙂 in one line.",
          "def f(x):\n    return x  # tabs\tand  double  spaces\n\nend.",
@@ -38,12 +39,20 @@ def test_bytes_of_a_fully_scored_text_are_its_utf8_bytes(demo_tok, text):
     assert scored_bytes(demo_tok, ids, torch.ones_like(ids, dtype=torch.bool)) == len(text.encode("utf-8"))
 
 
+@pytest.mark.parametrize("text", TEXTS)
+def test_chars_of_a_fully_scored_text_are_its_characters(demo_tok, text):
+    ids = _ids(demo_tok, text)
+    assert scored_chars(demo_tok, ids, torch.ones_like(ids, dtype=torch.bool)) == len(text)
+
+
 def test_two_tokenizers_count_the_same_bytes(demo_tok, small_tok):
     for text in TEXTS[1:]:  # the tiny test tokenizer knows no CJK / emoji bytes
         a, b = _ids(demo_tok, text), _ids(small_tok, text)
         assert a.shape[1] != b.shape[1]  # really different tokenizations
         assert scored_bytes(demo_tok, a, torch.ones_like(a, dtype=torch.bool)) == \
             scored_bytes(small_tok, b, torch.ones_like(b, dtype=torch.bool)) == len(text.encode())
+        assert scored_chars(demo_tok, a, torch.ones_like(a, dtype=torch.bool)) == \
+            scored_chars(small_tok, b, torch.ones_like(b, dtype=torch.bool)) == len(text)
 
 
 def test_only_scored_runs_count_and_special_tokens_spell_nothing(demo_tok):
@@ -58,6 +67,7 @@ def test_only_scored_runs_count_and_special_tokens_spell_nothing(demo_tok):
     # rows are counted separately and summed
     two = torch.cat([ids, ids]), torch.cat([mask, mask])
     assert scored_bytes(demo_tok, *two) == 2 * len(second.encode())
+    assert scored_chars(demo_tok, *two) == 2 * len(second)
 
 
 def test_bpb_is_the_summed_nll_over_ln2_times_bytes(demo_tok):
@@ -74,13 +84,17 @@ def test_bpb_is_the_summed_nll_over_ln2_times_bytes(demo_tok):
     ds = TokenizedDataset(tokens, np.ones_like(tokens, np.uint8), offsets, manifest)
     out = evaluate_models(model, ds, pad_token_id=demo_tok.pad_token_id, batch_size=2, device=torch.device("cpu"),
                           tokenizer=demo_tok)
-    nll, n_bytes = 0.0, 0
+    nll, n_bytes, n_chars = 0.0, 0, 0
     with torch.no_grad():
         for e in enc:
             ids = torch.tensor([e])
             logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].double(), -1)
             nll -= logp.gather(-1, ids[0, 1:, None]).sum().item()
             n_bytes += len(demo_tok.decode(e[1:], skip_special_tokens=True).encode())
+            n_chars += len(demo_tok.decode(e[1:], skip_special_tokens=True))
     assert out["bytes"] == n_bytes
     assert out["bpb"] == pytest.approx(nll / (math.log(2) * n_bytes), rel=1e-5)
     assert out["bpb"] * math.log(2) * out["bytes"] == pytest.approx(out["ce"] * out["tokens"], rel=1e-9)
+    assert out["chars"] == n_chars < n_bytes  # the texts are not all ASCII
+    assert out["bpc"] == pytest.approx(nll / (math.log(2) * n_chars), rel=1e-5)
+    assert out["bpc"] == pytest.approx(out["bpb"] * n_bytes / n_chars, rel=1e-12)

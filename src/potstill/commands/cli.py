@@ -160,8 +160,8 @@ def format_task_table(result: dict[str, float]) -> str:
 
 def format_table(rows: dict[str, dict[str, float]]) -> str:
     """A plain-text table: one row per model, one column per metric."""
-    cols = [c for c in ("ppl", "ce", "bpb", "kl", "agreement", "kd", "teacher_ppl", "teacher_bpb", "tokens")
-            if any(c in r for r in rows.values())]
+    cols = [c for c in ("ppl", "ce", "bpb", "bpc", "kl", "agreement", "kd", "teacher_ppl", "teacher_bpb",
+                        "teacher_bpc", "tokens") if any(c in r for r in rows.values())]
     width = max(len(name) for name in rows) + 2
     lines = ["".ljust(width) + "".join(c.rjust(13) for c in cols)]
     for name, r in rows.items():

@@ -1,7 +1,10 @@
 """``potstill evaluate``: score a finished run, a model folder or a model object.
 
-On text: perplexity and bits per byte of the model; with a teacher, the teacher's too,
-KL(teacher || model) and top-1 agreement (:func:`potstill.training.evaluation.evaluate_models`).
+On text: perplexity, bits per byte and bits per character of the model; with a teacher, the
+teacher's too, KL(teacher || model) and top-1 agreement
+(:func:`potstill.training.evaluation.evaluate_models`). A teacher whose tokenizer differs from the
+model's is scored on its own tokenization of the same data, and KL and agreement (which need one
+vocabulary) are left out: :data:`CROSS_TOKENIZER_NOTE`.
 On tasks: any lm-evaluation-harness task, by name or from local task YAMLs
 (:mod:`potstill.training.tasks`), for the model and the teacher.
 
@@ -20,14 +23,18 @@ from torch import nn
 
 from ..config import MAX_COUNT, MAX_TOKENS, DataConfig, TeacherConfig, read_yaml, validate_config
 from ..data import build_datasets
-from ..errors import ConfigError
+from ..errors import ConfigError, ModelError
 from ..models.loading import check_model_folder, freeze, load_causal_lm, load_tokenizer, looks_local, missing_folder
 from ..models.precision import autocast_context, resolve_precision
-from ..models.teacher_model import load_teacher
-from ..models.vocab import check_vocab
+from ..models.teacher_model import load_teacher, teacher_tokenizer
+from ..models.vocab import check_vocab, output_rows, same_tokenizer
 from ..training.evaluation import evaluate_models
 
 log = logging.getLogger("potstill")
+
+CROSS_TOKENIZER_NOTE = ("the teacher's tokenizer differs from the model's: each model is scored on its own "
+                        "tokenization of the same text; perplexities over different tokenizations are not "
+                        "comparable; compare bits per byte (KL and agreement need one vocabulary: left out)")
 
 
 def evaluate(
@@ -55,8 +62,15 @@ def evaluate(
     validation data, teacher, precision, batch size and ``eval.tasks`` are used unless given here.
     ``data``: evaluate on this instead, each example in its own row (``packing=True`` packs
     them into blocks of ``max_length``, dropping the last partial block). The result is flat:
-    ``ce``, ``ppl``, ``bpb``, ``tokens`` (scored), ``bytes``, the teacher's and the pair's
-    metrics, and ``tasks/<task>/<metric>`` (``teacher_tasks/...``) for each task.
+    ``ce``, ``ppl``, ``bpb``, ``bpc``, ``tokens`` (scored), ``bytes``, ``chars``, the teacher's
+    (``teacher_ce`` ...) and the pair's metrics (``kl``, ``agreement``), and
+    ``tasks/<task>/<metric>`` (``teacher_tasks/...``) for each task.
+
+    A teacher whose tokenizer differs from the model's is scored on its own tokenization of the
+    same data (built again with its tokenizer, same data settings): ``teacher_ce``,
+    ``teacher_ppl``, ``teacher_bpb``, ``teacher_bpc`` and its own ``teacher_tokens``,
+    ``teacher_bytes``, ``teacher_chars``; no ``kl`` or ``agreement``. Its perplexity is per
+    teacher token: compare ``bpb`` with ``teacher_bpb``.
     """
     check_arguments(batch_size=batch_size, max_length=max_length, max_batches=max_batches, precision=precision,
                     task_limit=task_limit, task_fewshot=task_fewshot)
@@ -91,50 +105,92 @@ def evaluate(
         if tokenizer is None:
             raise ConfigError("evaluate(model=<object>) needs tokenizer=")
     tok = load_tokenizer(str(tokenizer) if isinstance(tokenizer, Path) else tokenizer, role="model")
-    dataset = None
+    t_cfg = t_tok = None
+    if teacher_ref is not None:
+        t_cfg = TeacherConfig(name_or_path=teacher_ref, tokenizer=None if isinstance(teacher_ref, str) else tok)
+        t_tok = teacher_tokenizer(t_cfg)  # before any weights: a different tokenizer needs its own data
+    cross = t_tok is not None and not same_tokenizer(t_tok, tok)
+    dataset = t_dataset = None
     if data is not None or run_cfg is not None:
         dataset = evaluation_data(tok, data=data, split=split, run_cfg=run_cfg, max_length=max_length,
                                   packing=packing, progress=progress, required=not tasks)
+        if cross and dataset is not None:
+            t_dataset = evaluation_data(t_tok, data=data, split=split, run_cfg=run_cfg, max_length=max_length,
+                                        packing=packing, progress=progress, required=True,
+                                        label="teacher evaluation")
 
     student = load_causal_lm(model, revision=None, dtype=torch.float32, trust_remote_code=False, role="model")
     student = freeze(student).to(device)
     t_model, shared = None, None
-    if teacher_ref is not None:
-        t_cfg = TeacherConfig(name_or_path=teacher_ref, tokenizer=None if isinstance(teacher_ref, str) else tok)
+    if t_cfg is not None:
         t_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-        t_model, t_tok = load_teacher(t_cfg, dtype=t_dtype)
+        t_model, t_tok = load_teacher(t_cfg, dtype=t_dtype, tokenizer=t_tok)
         t_model = t_model.to(device)
-        shared = check_vocab(t_model, t_tok, student, tok).shared
+        if cross:
+            check_teacher_head(t_model, t_tok)
+        else:
+            shared = check_vocab(t_model, t_tok, student, tok).shared
     autocast = autocast_context(precision, device)
     result: dict[str, float] = {}
     if dataset is not None:
         result = evaluate_models(student, dataset, pad_token_id=tok.pad_token_id, batch_size=batch_size, device=device,
-                                 teacher=t_model, shared_vocab=shared, max_batches=max_batches, autocast=autocast,
-                                 progress=progress, tokenizer=tok)
+                                 teacher=None if cross else t_model, shared_vocab=shared, max_batches=max_batches,
+                                 autocast=autocast, progress=progress, tokenizer=tok)
         log.info("scored %d tokens (%d bytes) of %s; %s", int(result["tokens"]), int(result.get("bytes", 0)),
                  describe_items(dataset), describe_losses(dataset))
+    if t_dataset is not None:
+        t_result = evaluate_models(t_model, t_dataset, pad_token_id=t_tok.pad_token_id, batch_size=batch_size,
+                                   device=device, max_batches=max_batches, autocast=autocast, progress=progress,
+                                   tokenizer=t_tok, desc="teacher eval")
+        result.update({f"teacher_{k}": v for k, v in t_result.items()})
+        log.info("teacher: scored %d tokens (%d bytes) of %s; %s", int(t_result["tokens"]),
+                 int(t_result.get("bytes", 0)), describe_items(t_dataset), describe_losses(t_dataset))
+        log.info("%s", CROSS_TOKENIZER_NOTE)
+        log.info("%s", describe_cross(result))
     if tasks:
         from ..training.tasks import TASKS, TEACHER_TASKS, score_models
 
-        scored = [(TASKS, student)] + ([(TEACHER_TASKS, t_model)] if t_model is not None else [])
-        result.update(score_models(scored, tok, tasks, autocast=autocast, task_paths=task_paths, limit=task_limit,
-                                   num_fewshot=task_fewshot, batch_size=batch_size, max_length=max_length,
-                                   device=device, seed=seed, progress=progress))
+        # Each model reads the tasks through its own tokenizer (the same one, unless cross).
+        same = [(TEACHER_TASKS, t_model)] if t_model is not None and not cross else []
+        groups = [([(TASKS, student)] + same, tok)] + ([([(TEACHER_TASKS, t_model)], t_tok)] if cross else [])
+        for models, model_tok in groups:
+            result.update(score_models(models, model_tok, tasks, autocast=autocast, task_paths=task_paths,
+                                       limit=task_limit, num_fewshot=task_fewshot, batch_size=batch_size,
+                                       max_length=max_length, device=device, seed=seed, progress=progress))
     return result
 
 
-def evaluation_data(tok, *, data, split, run_cfg, max_length, packing: bool, progress: bool, required: bool):
+def evaluation_data(tok, *, data, split, run_cfg, max_length, packing: bool, progress: bool, required: bool,
+                    label: str = "evaluation"):
     """The text to score: ``data`` (each example its own row unless ``packing``), else the run's
-    validation split (as the run built it; None if it has none and not ``required``)."""
+    validation split (as the run built it; None if it has none and not ``required``). The same
+    arguments with another tokenizer give the same text, tokenized by it."""
     if data is not None:
         d_cfg = DataConfig(source=data, split=split or "train", validation_fraction=0.0, packing=packing,
                            max_length=max_length or (run_cfg.data.max_length if run_cfg else 1024))
-        dataset, _ = build_datasets(d_cfg, tok, progress=progress, label="evaluation")
+        dataset, _ = build_datasets(d_cfg, tok, progress=progress, label=label)
         return dataset
     _, dataset = build_datasets(run_cfg.data, tok, seed=run_cfg.train.seed, progress=progress)
     if dataset is None and required:
         raise ConfigError("the run has no validation split: pass --data (or data=), or --tasks")
     return dataset
+
+
+def check_teacher_head(t_model: nn.Module, t_tok) -> None:
+    """Scored on its own tokens, the teacher needs a head row for each of its tokenizer's tokens."""
+    rows = output_rows(t_model)
+    if len(t_tok) > rows:
+        raise ModelError(f"the teacher tokenizer has {len(t_tok)} tokens but the teacher head has only {rows} rows: "
+                         "the teacher and its tokenizer do not belong together")
+
+
+def describe_cross(result: dict[str, float]) -> str:
+    """'bits per byte: model 3.12, teacher 1.05; bits per character: model 3.15, teacher 1.06'."""
+    parts = []
+    for key, name in (("bpb", "bits per byte"), ("bpc", "bits per character")):
+        if key in result and f"teacher_{key}" in result:
+            parts.append(f"{name}: model {result[key]:.4f}, teacher {result['teacher_' + key]:.4f}")
+    return "; ".join(parts) or "no bytes scored"
 
 
 def describe_items(dataset) -> str:

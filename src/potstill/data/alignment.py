@@ -78,6 +78,22 @@ def teacher_window(student_spans: np.ndarray, view_items: dict[int, tuple[np.nda
     return np.concatenate(ids_out), np.concatenate(spans_out)
 
 
+def context_token(tokenizer) -> int | None:
+    """The token a teacher reads before a text that starts without one: its BOS, else its EOS."""
+    return tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+
+
+def with_context_token(ids: np.ndarray, spans: np.ndarray, token_id: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """``ids`` (L,), ``spans`` (L, 4) with ``token_id`` (the tokenizer's BOS, else its EOS) put in front
+    when the first token spells text: a tokenizer without BOS would otherwise have no prediction
+    for that token, where a packed stream has the previous example's EOS before it. The cache
+    capture and the online teacher do the same, so both give a target there."""
+    if token_id is None or not len(ids) or spans[0, SPAN_START] < 0:
+        return ids, spans
+    head = np.array([[spans[0, SPAN_EXAMPLE], -1, -1, 0]], dtype=spans.dtype)
+    return np.concatenate([[token_id], ids]).astype(np.int64), np.concatenate([head, spans])
+
+
 @dataclass
 class Alignment:
     """Aligned next-token predictions of one row pair.

@@ -95,7 +95,9 @@ def preflight(cfg: DistillConfig | dict | str | os.PathLike, *, role: str = "dis
         model.config = model_config(model)
     student_context = None
     if role == "distill" and cfg.student.config is not None:
-        student_context = context_of(check_student_config(cfg.student.config, teacher, teacher_tok))
+        own = student_tokenizer_ref(cfg.student) is not None  # student.tokenizer: its own vocabulary
+        student_context = context_of(check_student_config(cfg.student.config, teacher, tok if own else teacher_tok,
+                                                          own_vocab=own))
     warn_about_context(cfg, role, models, student_context)
     if check_data:
         check_data_rows(cfg.data, tok if role != "generate" else None, seed=cfg.train.seed,
@@ -187,10 +189,11 @@ def context_of(config: Any) -> int | None:
     return None
 
 
-def check_student_config(fields: dict[str, Any], teacher: _Model | None, teacher_tok) -> Any:
+def check_student_config(fields: dict[str, Any], teacher: _Model | None, teacher_tok, *, own_vocab: bool = False) -> Any:
     """student.config: known settings of its model type, and a student that builds; returns its config.
 
-    The model type and vocabulary size default to the teacher's, as when the student is built."""
+    The model type and vocabulary size default to the teacher's, as when the student is built
+    (``own_vocab``: the student has its own tokenizer, ``teacher_tok`` is then that one and gives the size)."""
     from transformers import AutoModelForCausalLM
 
     fields = dict(fields)
@@ -200,7 +203,7 @@ def check_student_config(fields: dict[str, Any], teacher: _Model | None, teacher
         if teacher is None:
             raise ModelError("student.config needs a model_type (e.g. llama) when there is no teacher to copy it from")
         return None  # a hub teacher: its type is known once it loads, where the same checks run
-    vocab = config_value(teacher_config, "vocab_size")
+    vocab = None if own_vocab else config_value(teacher_config, "vocab_size")
     fields = complete_student_fields(fields, model_type, vocab_size=vocab if isinstance(vocab, int) else None,
                                      tokenizer=teacher_tok)
     config = build_student_config(model_type, fields)

@@ -48,9 +48,14 @@ def load_student(cfg: StudentConfig, *, teacher: nn.Module | None, teacher_token
         model = student_from_teacher(teacher, layers, meta=meta)
         tok_ref = cfg.tokenizer
     else:
-        with torch.device("meta") if meta else contextlib.nullcontext():
-            model = student_from_config(cfg.config or {}, teacher=teacher, tokenizer=teacher_tokenizer)
         tok_ref = cfg.tokenizer
+        if tok_ref is not None and tokenizer is None:
+            tokenizer = student_tokenizer(cfg, tok_ref, teacher_tokenizer)
+        with torch.device("meta") if meta else contextlib.nullcontext():
+            # A student with its own tokenizer (student.tokenizer) gets that tokenizer's vocabulary.
+            model = student_from_config(cfg.config or {}, teacher=teacher if tok_ref is None else None,
+                                        tokenizer=tokenizer if tok_ref is not None else teacher_tokenizer,
+                                        model_type_from=teacher)
     if tokenizer is None:
         tokenizer = student_tokenizer(cfg, tok_ref, teacher_tokenizer)
     model = apply_student_config(model, cfg)  # student.bitnet: ternary linear layers
@@ -135,12 +140,15 @@ def student_from_teacher(teacher: nn.Module, layers: list[int], *, meta: bool = 
     return student
 
 
-def student_from_config(fields: dict[str, Any], *, teacher: nn.Module | None, tokenizer) -> nn.Module:
-    """A randomly initialized model from config fields; model_type and vocab default to the teacher's."""
+def student_from_config(fields: dict[str, Any], *, teacher: nn.Module | None, tokenizer,
+                        model_type_from: nn.Module | None = None) -> nn.Module:
+    """A randomly initialized model from config fields; model_type and vocab default to the teacher's
+    (``teacher`` None: the vocabulary from ``tokenizer``, the model type from ``model_type_from``)."""
     from transformers import AutoModelForCausalLM
 
     fields = dict(fields)
-    model_type = fields.pop("model_type", None) or getattr(getattr(teacher, "config", None), "model_type", None)
+    model_type = fields.pop("model_type", None) or getattr(getattr(teacher or model_type_from, "config", None),
+                                                           "model_type", None)
     if model_type is None:
         raise ModelError("student.config needs a model_type (e.g. llama) when there is no teacher to copy it from")
     fields = complete_student_fields(fields, model_type, vocab_size=(

@@ -44,9 +44,9 @@ def check_vocab(teacher: nn.Module, teacher_tokenizer, student: nn.Module, stude
     if not same_tokenizer(teacher_tokenizer, student_tokenizer):
         raise ModelError(
             f"teacher tokenizer ({describe(teacher_tokenizer)}, {len(teacher_tokenizer)} tokens) and student tokenizer "
-            f"({describe(student_tokenizer)}, {len(student_tokenizer)} tokens) differ: logit distillation needs the "
-            "same tokenizer; use a student of the teacher's family, or train on labels alone "
-            "(loss.logits.weight=0, loss.ce.weight=1)")
+            f"({describe(student_tokenizer)}, {len(student_tokenizer)} tokens) differ: comparing the two token by "
+            "token needs one vocabulary; potstill distill aligns the tokenizations for the logit term "
+            "(loss.cross_tokenizer), or use a student of the teacher's family")
     t_rows, s_rows = output_rows(teacher), output_rows(student)
     shared = min(t_rows, s_rows)
     n_tok = len(student_tokenizer)

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..data.alignment import Alignment, align_targets, teacher_window
+from ..data.alignment import Alignment, align_targets, teacher_window, with_context_token
 from ..data.batching import MicroBatch
 from ..data.formats import SPAN_EXAMPLE
 from ..models.hidden import forward_hidden, supports_chunked
@@ -100,11 +100,13 @@ class OnlineAlignedTeacher(AlignedTeacher):
     """
 
     def __init__(self, model: nn.Module, *, view, train_ds, vocab_map: VocabMap, top_k: int, temperature: float,
-                 pad_token_id: int | None, autocast: Callable[[], Any] = contextlib.nullcontext):
+                 pad_token_id: int | None, context_token: int | None = None,
+                 autocast: Callable[[], Any] = contextlib.nullcontext):
         super().__init__(train_ds=train_ds, vocab_map=vocab_map, top_k=top_k, temperature=temperature)
         self._model = model
         self.view = view
         self.pad = int(pad_token_id or 0)
+        self.context_token = context_token  # BOS, else EOS: before a window whose first token spells text
         self.autocast = autocast
         self.head = supports_chunked(model)[0]
         # example ordinal -> the view's item: the teacher view holds whole examples, one per item.
@@ -126,7 +128,7 @@ class OnlineAlignedTeacher(AlignedTeacher):
         windows, rows, places, exact = [], [], [], []
         for b, (ids, spans, targets, base) in enumerate(self._student_rows(batch)):
             needed = {int(e): self._example(int(e)) for e in np.unique(spans[:, SPAN_EXAMPLE]) if int(e) in self.view_item}
-            t_ids, t_spans = teacher_window(spans, needed)
+            t_ids, t_spans = with_context_token(*teacher_window(spans, needed), self.context_token)
             al = align_targets(ids, spans, targets, t_ids, t_spans, self.vocab_map.student_to_teacher)
             self._count(len(targets), al)
             windows.append(t_ids)

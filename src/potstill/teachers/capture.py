@@ -42,6 +42,7 @@ import torch
 from ..atomic import disk_errors
 from ..config import DistillConfig, as_config
 from ..data import build_datasets, build_teacher_view, collate, text_fingerprint
+from ..data.alignment import context_token, with_context_token
 from ..errors import ConfigError, ServerError
 from ..models.precision import autocast_context, compute_dtype, resolve_precision
 from ..models.preflight import preflight
@@ -172,7 +173,7 @@ def local_source(cfg: DistillConfig, checked, *, progress: bool) -> Source:
         for a in range(lo, hi, batch_size):
             items = [train_ds[i] for i in range(a, min(a + batch_size, hi))]
             if cc.offsets:
-                items = [with_context_token(item, tok) for item in items]
+                items = [with_context(item, tok) for item in items]
             batch = collate(items, tok.pad_token_id)
             batch = {key: v.to(device) for key, v in batch.items()}
             with torch.no_grad(), autocast():
@@ -192,17 +193,14 @@ def local_source(cfg: DistillConfig, checked, *, progress: bool) -> Source:
     return Source(train_ds, tok, vocab, k, teacher_entry, rows)
 
 
-def with_context_token(item: dict, tokenizer) -> dict:
-    """A teacher-view example whose first token spells text, with the tokenizer's BOS (else EOS)
-    put before it, as a packed stream has the previous example's EOS there: otherwise its first
-    token would have no prediction in the cache, while a run reading the teacher online predicts it."""
-    spans = np.asarray(item["spans"])
-    token = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    if not len(spans) or spans[0, 1] < 0 or token is None:
+def with_context(item: dict, tokenizer) -> dict:
+    """A teacher-view example with a context token in front where its first token spells text
+    (:func:`potstill.data.alignment.with_context_token`)."""
+    ids, spans = with_context_token(item["input_ids"].numpy(), np.asarray(item["spans"]), context_token(tokenizer))
+    if len(ids) == len(item["input_ids"]):
         return item
-    head = np.array([[spans[0, 0], -1, -1, 0]], dtype=spans.dtype)
-    return {"input_ids": torch.cat([torch.tensor([token]), item["input_ids"]]),
-            "labels": torch.cat([torch.tensor([-100]), item["labels"]]), "spans": np.concatenate([head, spans])}
+    return {"input_ids": torch.as_tensor(ids), "labels": torch.cat([torch.tensor([-100]), item["labels"]]),
+            "spans": spans}
 
 
 def span_rows(view, indices, labels: torch.Tensor, tokenizer) -> dict[str, np.ndarray]:
@@ -210,7 +208,7 @@ def span_rows(view, indices, labels: torch.Tensor, tokenizer) -> dict[str, np.nd
     ``token`` (R,) int32 the token each row predicts, ``spans`` (R, 4) int32 its character span."""
     tokens, spans = [], []
     for b, i in enumerate(indices):
-        item = with_context_token(view[i], tokenizer)
+        item = with_context(view[i], tokenizer)
         n = len(item["input_ids"])
         keep = (labels[b, 1:n] != -100).numpy()
         tokens.append(item["input_ids"].numpy()[1:][keep])

@@ -1,4 +1,4 @@
-"""Evaluation: perplexity, bits per byte, teacher-student divergence and top-1 agreement.
+"""Evaluation: perplexity, bits per byte and per character, teacher-student divergence and top-1 agreement.
 
 ``evaluate_models`` is what the training loop calls every ``eval.every`` steps, and what
 ``potstill evaluate`` (:mod:`potstill.commands.evaluate`) runs on a finished run or any model.
@@ -59,7 +59,9 @@ def evaluate_models(
     and ``agreement`` (fraction of tokens where both models' top-1 prediction is the same);
     with an objective also ``kd`` (the configured divergence, per token). With ``tokenizer``
     also ``bpb`` (and ``teacher_bpb``): bits per UTF-8 byte of the scored text
-    (:func:`scored_bytes`), which compares models whatever their tokenizers. Every process
+    (:func:`scored_bytes`), which compares models whatever their tokenizers, ``bpc`` (and
+    ``teacher_bpc``): bits per character of it (:func:`scored_chars`), and the ``bytes`` and
+    ``chars`` counted. Every process
     takes its own slice of the data; sums are reduced before dividing. ``lockstep``: every
     process runs as many forwards as the busiest one (FSDP gathers weights with collectives);
     the extra ones repeat a batch and are not counted.
@@ -79,6 +81,7 @@ def evaluate_models(
     sums = {k: torch.zeros((), dtype=torch.float64) for k in ("ce", "n")}
     if tokenizer is not None:
         sums["bytes"] = torch.zeros((), dtype=torch.float64)
+        sums["chars"] = torch.zeros((), dtype=torch.float64)
     if teacher is not None:
         sums.update({k: torch.zeros((), dtype=torch.float64) for k in ("teacher_ce", "kl", "agree")})
     if objective is not None and teacher is not None and objective.needs_teacher:
@@ -95,7 +98,9 @@ def evaluate_models(
         sums["ce"] += ce.double().cpu()
         sums["n"] += n.double().cpu()
         if "bytes" in sums:
-            sums["bytes"] += scored_bytes(tokenizer, targets, mask)
+            n_bytes, n_chars = scored_sizes(tokenizer, targets, mask)
+            sums["bytes"] += n_bytes
+            sums["chars"] += n_chars
         if teacher is None:
             continue
         with autocast():
@@ -116,15 +121,20 @@ def evaluate_models(
     totals = reduce_sum(sums, accelerator)
     n = max(totals.pop("n"), 1.0)
     n_bytes = totals.pop("bytes", 0.0)
+    n_chars = totals.pop("chars", 0.0)
     out = {"ce": totals["ce"] / n}
     out["ppl"] = math.exp(min(out["ce"], 50.0))
     if n_bytes > 0:
         out["bpb"] = totals["ce"] / (math.log(2) * n_bytes)
+    if n_chars > 0:
+        out["bpc"] = totals["ce"] / (math.log(2) * n_chars)
     if teacher is not None:
         out["teacher_ce"] = totals["teacher_ce"] / n
         out["teacher_ppl"] = math.exp(min(out["teacher_ce"], 50.0))
         if n_bytes > 0:
             out["teacher_bpb"] = totals["teacher_ce"] / (math.log(2) * n_bytes)
+        if n_chars > 0:
+            out["teacher_bpc"] = totals["teacher_ce"] / (math.log(2) * n_chars)
         out["kl"] = totals["kl"] / n
         out["agreement"] = totals["agree"] / n
     if "kd" in totals:
@@ -132,6 +142,8 @@ def evaluate_models(
     out["tokens"] = n
     if n_bytes > 0:
         out["bytes"] = n_bytes
+    if n_chars > 0:
+        out["chars"] = n_chars
     return out
 
 
@@ -144,7 +156,27 @@ def scored_bytes(tokenizer, targets: torch.Tensor, mask: torch.Tensor) -> float:
     negative log-likelihood by ``ln 2`` times this gives bits per byte: a figure two models
     with different tokenizers share, where their perplexities (per token) are not comparable.
     """
-    total = 0
+    return scored_sizes(tokenizer, targets, mask)[0]
+
+
+def scored_chars(tokenizer, targets: torch.Tensor, mask: torch.Tensor) -> float:
+    """Characters (Unicode code points) of the text the scored tokens spell, counted as
+    :func:`scored_bytes` counts bytes; the denominator of bits per character."""
+    return scored_sizes(tokenizer, targets, mask)[1]
+
+
+def scored_sizes(tokenizer, targets: torch.Tensor, mask: torch.Tensor) -> tuple[float, float]:
+    """(UTF-8 bytes, characters) of the text the scored tokens spell, each run decoded once."""
+    n_bytes = n_chars = 0
+    for piece in scored_pieces(tokenizer, targets, mask):
+        n_bytes += len(piece.encode("utf-8"))
+        n_chars += len(piece)
+    return float(n_bytes), float(n_chars)
+
+
+def scored_pieces(tokenizer, targets: torch.Tensor, mask: torch.Tensor):
+    """The text of each run of consecutive scored tokens (targets, mask: [batch, seq]), row by
+    row, decoded as one piece without special tokens."""
     ids, keep = targets.cpu().tolist(), mask.cpu().tolist()
     for row_ids, row_keep in zip(ids, keep):
         run: list[int] = []
@@ -152,6 +184,5 @@ def scored_bytes(tokenizer, targets: torch.Tensor, mask: torch.Tensor) -> float:
             if counted:
                 run.append(token)
             elif run:
-                total += len(tokenizer.decode(run, skip_special_tokens=True).encode("utf-8"))
+                yield tokenizer.decode(run, skip_special_tokens=True)
                 run = []
-    return float(total)

@@ -231,14 +231,15 @@ def plan_cross_tokenizer(cfg: DistillConfig, checked: Preflight) -> CrossTokeniz
         teacher_tok = checked.teacher_tokenizer or teacher_tokenizer(cfg.teacher)
     else:
         teacher_tok = checked.teacher_tokenizer
-        if (teacher_tok is None or cfg.teacher.server is not None or cfg.loss.logits.weight <= 0
-                or same_tokenizer(teacher_tok, checked.tokenizer)):
+        if teacher_tok is None or cfg.teacher.server is not None or same_tokenizer(teacher_tok, checked.tokenizer):
             return None
+        if cfg.loss.logits.weight <= 0 and not cfg.loss.uses_features:
+            return None  # hard labels only: the teacher is not used (models/vocab drops it from evaluation)
     what = "this cache (captured with cache.offsets)" if manifest else "a teacher with another tokenizer"
     if cfg.loss.uses_features:
-        raise ConfigError(f"loss.hidden / loss.attention compare the two models token by token, which {what} does "
-                          "not allow (the tokens differ): set their weights to 0, or use a student with the "
-                          "teacher's tokenizer")
+        raise ModelError(f"loss.hidden / loss.attention compare the two models token by token, which {what} does "
+                         "not allow (the two tokenizations differ): set their weights to 0, or use a student with the "
+                         "teacher's tokenizer")
     if cfg.onpolicy.enabled:
         raise ConfigError(f"onpolicy with {what} is not supported yet (the student's samples have no teacher "
                           "tokenization): set onpolicy.lmbda=0, or use a student with the teacher's tokenizer")
@@ -254,6 +255,7 @@ def build_aligned_teacher(cfg: DistillConfig, cross: CrossTokenizerPlan, *, mode
                           student: nn.Module, tokenizer, train_ds, autocast) -> Teacher:
     """The teacher source of a cross-tokenizer run: the cache, or the model reading its own view."""
     from ..data import text_fingerprint
+    from ..data.alignment import context_token
     from ..models.vocab import output_rows
     from ..models.vocab_map import build_vocab_map
     from ..teachers.aligned import CachedAlignedTeacher, OnlineAlignedTeacher
@@ -286,7 +288,8 @@ def build_aligned_teacher(cfg: DistillConfig, cross: CrossTokenizerPlan, *, mode
     log.info("vocabulary map: %s", vmap.describe())
     return OnlineAlignedTeacher(model, view=cross.view, train_ds=train_ds, vocab_map=vmap, top_k=cc.top_k,
                                 temperature=cfg.loss.logits.temperature,
-                                pad_token_id=cross.teacher_tokenizer.pad_token_id, autocast=autocast)
+                                pad_token_id=cross.teacher_tokenizer.pad_token_id, autocast=autocast,
+                                context_token=context_token(cross.teacher_tokenizer))
 
 
 def build_optimizer(cfg: DistillConfig, student: nn.Module, features: FeatureDistiller | None, max_steps: int):
