@@ -56,6 +56,10 @@ def test_online_and_cached_runs(pair, tmp_path):
         assert r["loss/kd_exact"] > 0 and r["loss/kd_uld"] > 0 and r["loss/ce"] > 0
         assert abs(r["loss/kd"] - r["loss/kd_exact"] - r["loss/kd_uld"]) < 1e-4 * max(1.0, r["loss/kd"])
     assert not any(k.startswith("eval/teacher") for r in records(tmp_path / "online") for k in r)
+    summary = json.loads((tmp_path / "online" / "summary.json").read_text())
+    xt = summary["cross_tokenizer"]
+    assert 0 < xt["exact"] < xt["aligned"] <= xt["targets"] and 0.5 < xt["aligned_share"] <= 1.0
+    assert "spell the same bytes" in xt["vocabulary_map"] and summary["teacher_parameters"] > 0
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     student = tmp_path / "online" / "student"

@@ -73,11 +73,13 @@ class AlignedTeacher(Teacher):
                  "teacher token starts, %.1f%% are the same token in both (exact); the others get the hard-label "
                  "loss only", 100 * c["aligned"] / c["targets"], c["targets"], 100 * c["exact"] / c["targets"])
 
-    def alignment_summary(self) -> dict[str, Any]:
-        """Counts over every micro-batch so far: loss tokens, aligned, exact, and the shares."""
+    def summary(self) -> dict[str, Any]:
+        """summary.json's ``cross_tokenizer``: the student's loss tokens over every micro-batch so far,
+        how many aligned and how many exactly, the shares, and the vocabulary map."""
         c = dict(self.counts)
         n = max(c["targets"], 1)
-        return {**c, "aligned_share": c["aligned"] / n, "exact_share": c["exact"] / n}
+        return {**c, "aligned_share": c["aligned"] / n, "exact_share": c["exact"] / n,
+                "vocabulary_map": self.vocab_map.describe(), "top_k": self.top_k}
 
     def _topk(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(A, Vt) teacher logits -> top-k teacher ids (A, k), log-probs (A, k) descending, rest (A,)."""
@@ -117,6 +119,9 @@ class OnlineAlignedTeacher(AlignedTeacher):
     def model(self) -> nn.Module | None:
         """None: evaluation feeds the student's token ids, which mean nothing to this teacher."""
         return None
+
+    def summary(self) -> dict[str, Any]:
+        return {**super().summary(), "teacher_parameters": sum(p.numel() for p in self._model.parameters())}
 
     def _example(self, e: int) -> tuple[np.ndarray, np.ndarray]:
         item = self.view[self.view_item[e]]

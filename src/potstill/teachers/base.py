@@ -50,6 +50,10 @@ class Teacher(ABC):
         process holds one; None otherwise."""
         return None
 
+    def summary(self) -> dict | None:
+        """What the run's summary.json should say about this source, or None."""
+        return None
+
     def close(self) -> None:
         """Release what the source holds (connections, files)."""
 

@@ -536,7 +536,8 @@ def finish(run: Run, metrics: MetricsLogger, step_log: StepLog, progress: bool, 
                 "tasks": logged_tasks(metrics.path, run.max_steps),
                 "student_parameters": run.n_params,
                 "teacher_parameters": sum(p.numel() for p in run.teacher.model.parameters())
-                if run.teacher.model is not None else None,
+                if run.teacher.model is not None else (run.teacher.summary() or {}).get("teacher_parameters"),
+                **({"cross_tokenizer": run.teacher.summary()} if run.teacher.summary() is not None else {}),
                 "train_examples": len(run.train_ds),
                 "train_tokens_per_epoch": getattr(run.train_ds, "n_tokens", None),
                 "hardware": hardware(run)})
