@@ -5,7 +5,10 @@
 
 * :mod:`.sources`: files, globs, folders, hub names, in-memory objects -> raw rows;
 * :mod:`.formats`: text / messages / sharegpt / prompt_completion -> token ids + loss mask;
-* :mod:`.tokenized`: packing, the fingerprinted on-disk cache, :class:`TokenizedDataset`, :func:`collate`.
+* :mod:`.tokenized`: packing, the fingerprinted on-disk cache, :class:`TokenizedDataset`, :func:`collate`;
+* :mod:`.alignment`: across tokenizers, the teacher's window of a student item and the aligned
+  predictions, from the tokens' canonical character spans (``build_datasets(spans=True)``,
+  :func:`build_teacher_view`).
 
 Validation rows come from ``data.validation_source``, else ``data.validation_split`` of the
 same hub dataset (or DatasetDict), else a seeded ``data.validation_fraction`` of the raw

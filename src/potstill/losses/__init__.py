@@ -1,4 +1,9 @@
-"""Pure-torch distillation losses. See :mod:`potstill.losses.logits` for conventions."""
+"""Pure-torch distillation losses. See :mod:`potstill.losses.logits` for conventions.
+
+logits.py (dense divergences), chunked.py and fused_logits.py (the same without B x T x V
+float32 copies), sparse.py and sparse_chunked.py (a top-k / sampled teacher), aligned.py (a
+teacher with another tokenizer: mapped-vocabulary KL and ULD), features.py (hidden states,
+attention relations)."""
 
 from potstill.losses.chunked import ChunkedLossOutput, choose_chunk_size, chunked_distill_loss
 from potstill.losses.logits import (

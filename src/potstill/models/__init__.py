@@ -4,6 +4,7 @@
     teacher_model.py  the frozen (optionally quantized) teacher model and its tokenizer
     students.py       the trainable student: loaded, built from a config, or cut from the teacher
     vocab.py          teacher and student share a vocabulary (padding rows aside)
+    vocab_map.py      across tokenizers: the bytes each token spells, ids that spell the same
     layers.py         where a model keeps its decoder blocks
     heads.py          the output head as (weight, bias, softcap), where logits are exactly that
     hidden.py         final hidden states without B x T x V logits (the chunked path)

@@ -4,6 +4,8 @@
     signal.py        TeacherSignal (dense | sparse | none, + activations), SparseTargets
     local.py         LocalTeacher: a model in this process (quantized or not)
     cached.py        CachedTeacher: top-k / sampled shards on disk, verified against the run
+    aligned.py       a teacher with another tokenizer (online or from a cache with offsets):
+                     its top-k at the student positions aligned with its own tokens
     served.py        ServedTeacher: top-k log-probs from a vLLM server, asked ahead of time
     server_client.py the server's HTTP API (prompt log-probs, tokenize, models), retries, parsing
     cache_format.py  the cache on disk: encoding, shards, manifest, checksums
