@@ -144,3 +144,18 @@ def test_a_tokenizer_without_offsets_is_one_line(pair, tmp_path):
         distill(DistillConfig.model_validate(cfg))
     message = str(err.value)
     assert "character offsets" in message and "fast tokenizer" in message and "\n" not in message
+
+
+def test_chat_run_each_model_with_its_own_template(pair, tmp_path):
+    """Chat rows: the teacher renders ChatML, the student its Gemma-like template; only the
+    assistant's words are aligned (the user's are context), and both parts of the loss work."""
+    from tiny import chat_rows
+
+    root, _ = pair
+    data = write_jsonl(tmp_path / "chat.jsonl", chat_rows(60, seed=5))
+    cfg = cross_config(root, data, tmp_path / "chat")
+    proc = run_cli("distill", cfg, "--no-progress")
+    share = float(proc.stderr.split("alignment (first micro-batch): ")[1].split("%")[0])
+    assert 30.0 < share <= 100.0
+    steps = kd_terms(tmp_path / "chat")
+    assert len(steps) == 3 and all(r["loss/kd_exact"] > 0 for r in steps)
