@@ -10,8 +10,6 @@ random init. The Unigram recipe is the tests' (``tests/tiny.py``: ``build_unigra
 
 from __future__ import annotations
 
-import json
-import lzma
 import sys
 from pathlib import Path
 
@@ -20,27 +18,13 @@ VOCAB = 8192
 TOKENIZER_TEXTS = 6000  # python-docs train texts the student tokenizer is trained on
 
 
-def train_texts(n: int) -> list[str]:
-    """The first ``n`` texts of the python-docs train split (the pinned snapshot)."""
-    from potstill.data.corpus import SNAPSHOT_DIR, SNAPSHOT_FILE
-
-    texts = []
-    with lzma.open(SNAPSHOT_DIR / SNAPSHOT_FILE, "rt", encoding="utf-8") as fh:
-        for line in fh:
-            row = json.loads(line)
-            if row["split"] == "train":
-                texts.append(row["text"])
-                if len(texts) >= n:
-                    break
-    return texts
-
-
 def prepare(out: Path) -> dict[str, Path]:
     """The student's tokenizer and random init under ``out`` (built when missing)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from potstill.commands.quickstart import SEED, STUDENT
+    from potstill.data.corpus import snapshot_texts
 
     out.mkdir(parents=True, exist_ok=True)
     tok_dir, init_dir = out / "student-tokenizer", out / "student-init"
@@ -49,7 +33,7 @@ def prepare(out: Path) -> dict[str, Path]:
         from tiny import build_unigram_tokenizer
 
         # Line by line: the Unigram trainer's likelihood overflows on very long sentences.
-        lines = [line[:400] for text in train_texts(TOKENIZER_TEXTS) for line in text.splitlines() if line.strip()]
+        lines = [line[:400] for text in snapshot_texts("train", TOKENIZER_TEXTS) for line in text.splitlines() if line.strip()]
         build_unigram_tokenizer(tok_dir, vocab_size=VOCAB, texts=lines)
     tok = AutoTokenizer.from_pretrained(tok_dir)
     if not (init_dir / "config.json").is_file():

@@ -180,18 +180,9 @@ def build_unigram_tokenizer(path: str | Path, vocab_size: int = 2000, texts: lis
     from transformers import PreTrainedTokenizerFast
 
     if texts is None:
-        import lzma
+        from potstill.data.corpus import snapshot_texts
 
-        from potstill.data.corpus import SNAPSHOT_DIR, SNAPSHOT_FILE
-
-        texts = []
-        with lzma.open(SNAPSHOT_DIR / SNAPSHOT_FILE, "rt", encoding="utf-8") as fh:
-            for line in fh:
-                row = json.loads(line)
-                if row["split"] == "train":
-                    texts.append(row["text"])
-                    if len(texts) >= 2000:
-                        break
+        texts = snapshot_texts("train", 2000)
     specials = ["<unk>", "<s>", "</s>", "<pad>", "<start_of_turn>", "<end_of_turn>"]
     byte_pieces = [f"<0x{b:02X}>" for b in range(256)]
     try:

@@ -112,6 +112,7 @@ def test_offsets_cache_needs_the_teacher_tokenizer_and_the_same_texts(pair, tmp_
 @pytest.mark.parametrize("override, fragments", [
     ("loss.hidden.weight=1.0", ("loss.hidden", "token by token")),
     ("onpolicy.lmbda=0.5", ("onpolicy", "not supported")),
+    ("train.strategy=fsdp", ("train.strategy=fsdp", "another tokenizer")),
     ("loss.cross_tokenizer.mode=wasserstein", ("cross_tokenizer.mode",)),
     ("loss.cross_tokenizer.uld_weight=-1", ("uld_weight",)),
 ])

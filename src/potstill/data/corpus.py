@@ -319,6 +319,22 @@ def read_snapshot_manifest(snapshot: str | Path | None = None) -> dict:
     return manifest
 
 
+def snapshot_texts(split: str, limit: int) -> list[str]:
+    """The first ``limit`` texts of ``split`` in the shipped snapshot, read straight from the
+    packed file (nothing unpacked): e.g. to train a tokenizer on python-docs text."""
+    import lzma
+
+    texts: list[str] = []
+    with lzma.open(SNAPSHOT_DIR / SNAPSHOT_FILE, "rt", encoding="utf-8") as fh:
+        for line in fh:
+            row = json.loads(line)
+            if row["split"] == split:
+                texts.append(row["text"])
+                if len(texts) >= limit:
+                    break
+    return texts
+
+
 def _unpack(packed: Path, manifest: dict, tmp: Path, progress: bool) -> None:
     """Decompress ``packed`` into ``tmp/{split}.jsonl``; raise one line if it is damaged."""
     from tqdm.auto import tqdm

@@ -77,6 +77,17 @@ def _check_teacher(student_logits: torch.Tensor, teacher_logp: torch.Tensor,
         raise ValueError(f"teacher_rest_logp must be (R,) = ({rows},), got shape {tuple(teacher_rest_logp.shape)}")
 
 
+def _check_arguments(name: str, what: str, student_logits: torch.Tensor, teacher_logp: torch.Tensor,
+                     teacher_rest_logp: torch.Tensor, *, temperature: float, beta: float) -> None:
+    """The divergence name (for ``what``), temperature, beta and the shapes of both sides."""
+    if name not in SPARSE_DIVERGENCES:
+        raise ValueError(f"{what} support {', '.join(SPARSE_DIVERGENCES)}, not {name!r}")
+    _check_temperature(temperature)
+    _check_unit("beta", beta)
+    _check_student(student_logits)
+    _check_teacher(student_logits, teacher_logp, teacher_rest_logp)
+
+
 def _check_ids(teacher_ids: torch.Tensor, teacher_logp: torch.Tensor, vocab: int) -> torch.Tensor:
     """Validated (R, K) int64 ids: each -1 or a student id in [0, V), the mapped ones distinct per row."""
     if teacher_ids.is_floating_point() or teacher_ids.dtype == torch.bool:
@@ -121,12 +132,8 @@ def mapped_topk_divergence(
     the bucket. Conventions (fkl = KL(p_t ‖ p_s), TRL's jsd with ``beta``) as in
     :mod:`potstill.losses.logits`; the teacher side is renormalized like ``topk_divergence``.
     """
-    if name not in SPARSE_DIVERGENCES:
-        raise ValueError(f"mapped top-k targets support {', '.join(SPARSE_DIVERGENCES)}, not {name!r}")
-    _check_temperature(temperature)
-    _check_unit("beta", beta)
-    _check_student(student_logits)
-    _check_teacher(student_logits, teacher_logp, teacher_rest_logp)
+    _check_arguments(name, "mapped top-k targets", student_logits, teacher_logp, teacher_rest_logp,
+                     temperature=temperature, beta=beta)
     rows, vocab = student_logits.shape
     ids = _check_ids(teacher_ids, teacher_logp, vocab)
     dtype = _work_dtype(student_logits)
@@ -251,12 +258,8 @@ def aligned_divergence(
         # `not w >= 0` also rejects NaN.
         if not weight >= 0:
             raise ValueError(f"{label} must be >= 0, got {weight!r}")
-    if name not in SPARSE_DIVERGENCES:
-        raise ValueError(f"aligned exact rows support {', '.join(SPARSE_DIVERGENCES)}, not {name!r}")
-    _check_temperature(temperature)
-    _check_unit("beta", beta)
-    _check_student(student_logits)
-    _check_teacher(student_logits, teacher_logp, teacher_rest_logp)
+    _check_arguments(name, "aligned exact rows", student_logits, teacher_logp, teacher_rest_logp,
+                     temperature=temperature, beta=beta)
     rows = student_logits.shape[0]
     if teacher_ids.shape != teacher_logp.shape:
         raise ValueError(f"teacher_ids shape {tuple(teacher_ids.shape)} must equal teacher_logp shape "
