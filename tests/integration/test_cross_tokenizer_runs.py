@@ -5,12 +5,13 @@ with character offsets; and every input it cannot work with refused in one line.
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import yaml
 
 from tiny import (TINY_STUDENT, assert_one_line_error, build_llama, build_tokenizer, build_unigram_tokenizer,
-                  run_cli, run_config, synthetic_sentences, write_jsonl)
+                  run_cli, run_config, run_torchrun_distill, synthetic_sentences, write_jsonl)
 
 
 @pytest.fixture(scope="module")
@@ -160,3 +161,23 @@ def test_chat_run_each_model_with_its_own_template(pair, tmp_path):
     assert 30.0 < share <= 100.0
     steps = kd_terms(tmp_path / "chat")
     assert len(steps) == 3 and all(r["loss/kd_exact"] > 0 for r in steps)
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not on PATH")
+def test_two_processes_equal_one(pair, tmp_path):
+    """Two real processes (gloo) give the steps of one process with grad_accum=2: the aligned
+    rows of each micro-batch normalize like every term, by the step's loss tokens everywhere."""
+    root, data = pair
+    cfg = cross_config(root, data, tmp_path / "two", **{"data.packing": False})
+    two = run_torchrun_distill(cfg)
+    assert two.returncode == 0, two.stderr[-3000:]
+    run_cli("distill", cfg, "train.grad_accum=2", f"output.dir={tmp_path / 'one'}", "--no-progress")
+    a, b = records(tmp_path / "two"), records(tmp_path / "one")
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    compared = 0
+    for ra, rb in zip(a, b):
+        for key in ("loss", "loss/kd_exact", "loss/kd_uld", "loss/ce", "eval/ppl"):
+            if key in rb:
+                assert ra[key] == pytest.approx(rb[key], rel=1e-5), (ra["step"], key)
+                compared += 1
+    assert compared >= 12
