@@ -31,6 +31,7 @@ from .base import Teacher
 from .signal import AlignedTargets, TeacherSignal
 
 log = logging.getLogger("potstill")
+WINDOW_MULTIPLE = 64
 
 
 class AlignedTeacher(Teacher):
@@ -70,8 +71,8 @@ class AlignedTeacher(Teacher):
         self._said = True
         c = self.counts
         log.info("cross-tokenizer alignment (first micro-batch): %.1f%% of the student's %d loss tokens start where a "
-                 "teacher token starts, %.1f%% are the same token in both (exact); the others get the hard-label "
-                 "loss only", 100 * c["aligned"] / c["targets"], c["targets"], 100 * c["exact"] / c["targets"])
+                 "teacher token starts, %.1f%% are the same token in both (exact); the others get no teacher target "
+                 "(loss.ce still trains them)", 100 * c["aligned"] / c["targets"], c["targets"], 100 * c["exact"] / c["targets"])
 
     def summary(self) -> dict[str, Any]:
         """summary.json's ``cross_tokenizer``: the student's loss tokens over every micro-batch so far,
@@ -142,7 +143,9 @@ class OnlineAlignedTeacher(AlignedTeacher):
             exact.append(al.exact)
         self._say_once()
         where = torch.as_tensor(np.concatenate(places), dtype=torch.long, device=device)
-        longest = max(1, max(len(w) for w in windows))
+        # Padded to a multiple of 64: shapes that repeat let the allocator reuse its blocks (a
+        # window's length changes with every batch, and so would every activation's size).
+        longest = -(-max(1, max(len(w) for w in windows)) // WINDOW_MULTIPLE) * WINDOW_MULTIPLE
         t_ids = torch.full((len(windows), longest), self.pad, dtype=torch.long)
         attn = torch.zeros_like(t_ids)
         for b, w in enumerate(windows):

@@ -45,6 +45,7 @@ from ..models.heads import HeadParams
 from ..teachers.signal import SparseTargets, TeacherSignal
 
 IGNORE_INDEX = -100
+ALIGNED_COPIES = 12  # float32 (rows, V) tensors one block of the aligned loss holds at its peak
 
 
 @dataclass
@@ -189,7 +190,9 @@ class Objective:
 
         lc, xc = self.cfg.logits, self.cfg.cross_tokenizer
         vocab = head.weight.shape[0]
-        block = max(1, int(self.cfg.memory_budget_mb * 2**20 // (vocab * 4 * 4)))
+        # ~12 float32 copies of a block's (rows, V) logits live at once in the divergence (its
+        # softmaxes, the mapped rows' extra column, the sort for ULD) and again in backward.
+        block = max(1, int(self.cfg.memory_budget_mb * 2**20 // (vocab * 4 * ALIGNED_COPIES)))
 
         def part(h, ids, logp, rest, exact):
             with self.autocast():
