@@ -31,7 +31,6 @@ from .base import Teacher
 from .signal import AlignedTargets, TeacherSignal
 
 log = logging.getLogger("potstill")
-WINDOW_MULTIPLE = 64
 
 
 class AlignedTeacher(Teacher):
@@ -143,9 +142,7 @@ class OnlineAlignedTeacher(AlignedTeacher):
             exact.append(al.exact)
         self._say_once()
         where = torch.as_tensor(np.concatenate(places), dtype=torch.long, device=device)
-        # Padded to a multiple of 64: shapes that repeat let the allocator reuse its blocks (a
-        # window's length changes with every batch, and so would every activation's size).
-        longest = -(-max(1, max(len(w) for w in windows)) // WINDOW_MULTIPLE) * WINDOW_MULTIPLE
+        longest = max(1, max(len(w) for w in windows))
         t_ids = torch.full((len(windows), longest), self.pad, dtype=torch.long)
         attn = torch.zeros_like(t_ids)
         for b, w in enumerate(windows):
