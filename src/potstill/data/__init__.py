@@ -217,7 +217,8 @@ def _why_empty(enc: formats.Encoded) -> str:
 
 def _summary(role: str, ds: TokenizedDataset, cache: str, seconds: float) -> None:
     s = ds.stats
-    unit = f"blocks of {ds.max_length}" if ds.packing else f"examples (max {ds.max_length})"
+    unit = f"blocks of {ds.max_length}" if ds.packing else (
+        "whole examples" if ds.max_length >= VIEW_MAX_LENGTH else f"examples (max {ds.max_length})")
     notes = []
     if s.get("no_assistant"):
         notes.append(f"{s['no_assistant']} conversations without an assistant turn skipped")

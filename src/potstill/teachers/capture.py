@@ -170,8 +170,10 @@ def local_source(cfg: DistillConfig, checked, *, progress: bool) -> Source:
             gen = torch.Generator(device=device).manual_seed(cc.seed * 1_000_003 + s)
         parts: list[dict[str, np.ndarray]] = []
         counts: list[np.ndarray] = []
-        for a in range(lo, hi, batch_size):
-            items = [train_ds[i] for i in range(a, min(a + batch_size, hi))]
+        groups = (length_batches(train_ds, lo, hi, batch_size * cfg.data.max_length) if cc.offsets
+                  else [list(range(a, min(a + batch_size, hi))) for a in range(lo, hi, batch_size)])
+        for group in groups:
+            items = [train_ds[i] for i in group]
             if cc.offsets:
                 items = [with_context(item, tok) for item in items]
             batch = collate(items, tok.pad_token_id)
@@ -182,15 +184,45 @@ def local_source(cfg: DistillConfig, checked, *, progress: bool) -> Source:
                                             temperature=cfg.loss.logits.temperature, generator=gen)
             got = {key: v.cpu().numpy() for key, v in got.items()}
             if cc.offsets:  # what each row predicts, and where that token sits in the text
-                got.update(span_rows(train_ds, range(a, min(a + batch_size, hi)), batch["labels"].cpu(), tok))
+                got.update(span_rows(train_ds, group, batch["labels"].cpu(), tok))
             parts.append(got)
             counts.append(per_example.cpu().numpy())
             bar.update(int(batch["attention_mask"][:, 1:].sum()))
+        if cc.offsets:  # the batches took the examples by length: put their rows back in example order
+            return in_example_order(parts, counts, lo, hi, groups)
         return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}, np.concatenate(counts)
 
     teacher_entry = {"name": model_name(cfg.teacher.name_or_path), "revision": cfg.teacher.revision,
                      "vocab_size": vocab, "dtype": str(t_dtype).removeprefix("torch."), "precision": precision}
     return Source(train_ds, tok, vocab, k, teacher_entry, rows)
+
+
+def length_batches(view, lo: int, hi: int, budget: int) -> list[list[int]]:
+    """Examples ``lo .. hi-1`` of a teacher view (whole examples, of any length) in batches of
+    similar length holding at most ``budget`` padded tokens (one example alone when it is longer):
+    padding and the teacher's logits stay bounded however long some examples are."""
+    lengths = np.diff(np.asarray(view.offsets[lo:hi + 1]))
+    batches: list[list[int]] = []
+    for i in np.argsort(-lengths, kind="stable"):
+        if batches and (len(batches[-1]) + 1) * int(lengths[batches[-1][0] - lo]) <= budget:
+            batches[-1].append(lo + int(i))
+        else:
+            batches.append([lo + int(i)])
+    return batches
+
+
+def in_example_order(parts: list[dict[str, np.ndarray]], counts: list[np.ndarray], lo: int, hi: int,
+                     batches: list[list[int]]) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Rows of batches taken in any order (``batches``: their example indices) as one shard's rows
+    in example order, with the per-example counts."""
+    by_example: dict[int, dict[str, np.ndarray]] = {}
+    for part, count, group in zip(parts, counts, batches):
+        ends = np.cumsum(count)
+        for i, a, b in zip(group, ends - count, ends):
+            by_example[i] = {key: v[a:b] for key, v in part.items()}
+    order = [by_example[i] for i in range(lo, hi)]
+    return ({key: np.concatenate([o[key] for o in order]) for key in parts[0]},
+            np.array([len(o["ids"]) for o in order], dtype=np.int64))
 
 
 def with_context(item: dict, tokenizer) -> dict:
