@@ -32,6 +32,7 @@ from ..data import require_eos
 from ..data.preflight import check_data as check_data_rows
 from ..errors import ConfigError, ModelError, one_line
 from .loading import check_model_folder, looks_local, missing_folder
+from .vocab import same_tokenizer
 from .students import build_student_config, complete_student_fields, student_tokenizer, student_tokenizer_ref
 from .teacher_model import teacher_tokenizer
 
@@ -95,7 +96,9 @@ def preflight(cfg: DistillConfig | dict | str | os.PathLike, *, role: str = "dis
         model.config = model_config(model)
     student_context = None
     if role == "distill" and cfg.student.config is not None:
-        own = student_tokenizer_ref(cfg.student) is not None  # student.tokenizer: its own vocabulary
+        # Across tokenizers (its own differs from the teacher's) the student takes its own vocabulary.
+        own = student_tokenizer_ref(cfg.student) is not None and teacher_tok is not None and \
+            not same_tokenizer(tok, teacher_tok)
         student_context = context_of(check_student_config(cfg.student.config, teacher, tok if own else teacher_tok,
                                                           own_vocab=own))
     warn_about_context(cfg, role, models, student_context)

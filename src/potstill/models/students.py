@@ -29,13 +29,15 @@ log = logging.getLogger("potstill")
 
 
 def load_student(cfg: StudentConfig, *, teacher: nn.Module | None, teacher_tokenizer,
-                 tokenizer: Any = None, meta: bool = False) -> tuple[nn.Module, Any]:
+                 tokenizer: Any = None, meta: bool = False, own_vocab: bool = False) -> tuple[nn.Module, Any]:
     """(trainable student in float32, tokenizer) from a path/object, a config, or the teacher's layers.
 
     ``tokenizer``: the student's tokenizer, already loaded (by :func:`~.preflight.preflight`);
     else it is loaded here from ``student.tokenizer``, the student's folder, or the teacher's.
     ``meta``: built on the meta device, no weights read or initialized (its shards come from the
-    main process: training/sharding.py); a BitNet student is always built for real."""
+    main process: training/sharding.py); a BitNet student is always built for real.
+    ``own_vocab``: a cross-tokenizer run; a student built from ``student.config`` takes its own
+    tokenizer's vocabulary size (else the teacher's)."""
     meta = meta and not cfg.bitnet
     if cfg.name_or_path is not None:
         model = load_causal_lm(cfg.name_or_path, revision=cfg.revision, dtype=torch.float32,
@@ -49,12 +51,12 @@ def load_student(cfg: StudentConfig, *, teacher: nn.Module | None, teacher_token
         tok_ref = cfg.tokenizer
     else:
         tok_ref = cfg.tokenizer
-        if tok_ref is not None and tokenizer is None:
+        if own_vocab and tokenizer is None:
             tokenizer = student_tokenizer(cfg, tok_ref, teacher_tokenizer)
         with torch.device("meta") if meta else contextlib.nullcontext():
-            # A student with its own tokenizer (student.tokenizer) gets that tokenizer's vocabulary.
-            model = student_from_config(cfg.config or {}, teacher=teacher if tok_ref is None else None,
-                                        tokenizer=tokenizer if tok_ref is not None else teacher_tokenizer,
+            # Across tokenizers the student gets its own tokenizer's vocabulary, else the teacher's.
+            model = student_from_config(cfg.config or {}, teacher=None if own_vocab else teacher,
+                                        tokenizer=tokenizer if own_vocab else teacher_tokenizer,
                                         model_type_from=teacher)
     if tokenizer is None:
         tokenizer = student_tokenizer(cfg, tok_ref, teacher_tokenizer)

@@ -188,7 +188,7 @@ def load_models(cfg: DistillConfig, precision: str, checked: Preflight | None = 
         dtype = teacher_dtype(cfg.teacher.dtype, compute_dtype(precision))
         teacher, teacher_tok = load_teacher(cfg.teacher, dtype=dtype, tokenizer=checked.teacher_tokenizer, meta=meta)
     student, tokenizer = load_student(cfg.student, teacher=teacher, teacher_tokenizer=teacher_tok,
-                                      tokenizer=checked.tokenizer, meta=meta)
+                                      tokenizer=checked.tokenizer, meta=meta, own_vocab=cross)
     shared_vocab = None
     if teacher is not None and not cross:
         try:
