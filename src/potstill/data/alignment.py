@@ -127,12 +127,7 @@ def align_targets(student_ids: np.ndarray, student_spans: np.ndarray, student_ta
     ``student_ids`` (L,), ``student_spans`` (L, 4); ``teacher_ids`` (Lt,), ``teacher_spans``
     (Lt, 4); ``student_to_teacher`` (Vs,) int64, -1 where a student id has no teacher twin.
     """
-    teacher_at = _starts(teacher_spans)
-    student_first: dict[tuple[int, int], int] = {}
-    for p in range(1, len(student_spans)):
-        s = int(student_spans[p, SPAN_START])
-        if s >= 0:
-            student_first.setdefault((int(student_spans[p, SPAN_EXAMPLE]), s), p)
+    teacher_at, student_first = _starts(teacher_spans), _starts(student_spans)
     sp, tq, ex = [], [], []
     for p in student_targets:
         p = int(p)

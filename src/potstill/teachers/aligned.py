@@ -28,7 +28,7 @@ from ..data.formats import SPAN_EXAMPLE
 from ..models.hidden import forward_hidden, supports_chunked
 from ..models.vocab_map import VocabMap
 from .base import Teacher
-from .signal import AlignedTargets, TeacherSignal
+from .signal import AlignedTargets, TeacherSignal, topk_rows
 
 log = logging.getLogger("potstill")
 
@@ -46,6 +46,7 @@ class AlignedTeacher(Teacher):
         self.temperature = temperature
         self.counts = {"targets": 0, "aligned": 0, "exact": 0}
         self._said = False
+        self._table: torch.Tensor | None = None  # teacher id -> student id, on the training device
 
     def _student_rows(self, batch: MicroBatch):
         """Per row: (token ids (L,), spans (L, 4), target positions p (ascending), index of its first
@@ -81,16 +82,11 @@ class AlignedTeacher(Teacher):
         return {**c, "aligned_share": c["aligned"] / n, "exact_share": c["exact"] / n,
                 "vocabulary_map": self.vocab_map.describe(), "top_k": self.top_k}
 
-    def _topk(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(A, Vt) teacher logits -> top-k teacher ids (A, k), log-probs (A, k) descending, rest (A,)."""
-        logp = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)) / self.temperature, dim=-1)
-        k = min(self.top_k, logp.shape[-1])
-        top, ids = logp.topk(k, dim=-1)
-        rest = logp.scatter(-1, ids, float("-inf")).logsumexp(-1)
-        return ids, top, rest
-
     def _translate(self, teacher_ids: torch.Tensor) -> torch.Tensor:
-        table = torch.as_tensor(self.vocab_map.teacher_to_student, device=teacher_ids.device)
+        """Teacher ids (A, k) -> student ids, -1 where a teacher token has no student twin."""
+        if self._table is None or self._table.device != teacher_ids.device:
+            self._table = torch.as_tensor(self.vocab_map.teacher_to_student, device=teacher_ids.device)
+        table = self._table
         inside = teacher_ids < len(table)
         return torch.where(inside, table[teacher_ids.clamp(max=len(table) - 1)], torch.full_like(teacher_ids, -1))
 
@@ -159,7 +155,7 @@ class OnlineAlignedTeacher(AlignedTeacher):
                     logits = self.head.softcap * torch.tanh(logits / self.head.softcap)
             else:
                 logits = self._model(input_ids=t_ids, attention_mask=attn).logits[where[:, 0], where[:, 1]]
-        ids, logp, rest = self._topk(logits)
+        ids, logp, rest = topk_rows(logits, k=self.top_k, temperature=self.temperature)
         return TeacherSignal(kind="aligned", aligned=AlignedTargets(
             rows=torch.as_tensor(np.concatenate(rows), dtype=torch.long, device=device), ids=self._translate(ids),
             logp=logp, rest=rest, exact=torch.as_tensor(np.concatenate(exact), device=device)))

@@ -31,6 +31,14 @@ def tokenizer_sha256(tokenizer) -> str:
     return hashlib.sha256(tokenizer_state(tokenizer).encode("utf-8", "surrogatepass")).hexdigest()
 
 
+def check_temperature(manifest: dict, temperature: float, where: str) -> None:
+    """A cache holds log-probs at one temperature: the run's ``loss.logits.temperature`` must be it."""
+    if abs(float(manifest["temperature"]) - temperature) > 1e-12:
+        raise ConfigError(f"{where} holds teacher log-probs at temperature {manifest['temperature']}, the run asks "
+                          f"for loss.logits.temperature={temperature}: set it to {manifest['temperature']} or "
+                          "capture again")
+
+
 class CachedTeacher(Teacher):
     """Sparse teacher targets from a cache folder, verified against the run that reads them.
 
@@ -54,10 +62,7 @@ class CachedTeacher(Teacher):
                              "the data section (source, max_length, packing, ...) or train.seed differs; "
                              "capture the cache with this config")
         lc = loss_cfg.logits
-        if abs(float(m["temperature"]) - lc.temperature) > 1e-12:
-            raise ConfigError(f"{where} holds teacher log-probs at temperature {m['temperature']}, the run asks "
-                              f"for loss.logits.temperature={lc.temperature}: set it to {m['temperature']} or "
-                              "capture again")
+        check_temperature(m, lc.temperature, where)
         check_sparse_loss(lc, kind=m["kind"], where=where)
         self.kind = m["kind"]
         self.vocab = min(int(m["teacher"]["vocab_size"]), student_vocab)  # logit columns both index

@@ -54,6 +54,7 @@ from . import cache_format as fmt
 from .cache_format import CacheError
 from .cached import tokenizer_sha256
 from .served import check_tokenizer, require_untempered
+from .signal import topk_rows
 from .server_client import TeacherServer
 
 log = logging.getLogger("potstill")
@@ -73,21 +74,16 @@ def teacher_rows(logits: torch.Tensor, labels: torch.Tensor, *, kind: str, k: in
     Rows are the valid positions, row-major (``logits[:, :-1][labels[:, 1:] != -100]``).
     """
     mask = labels[:, 1:] != -100
-    logp = torch.log_softmax(logits[:, :-1][mask].float() / temperature, dim=-1)   # (R, V)
     if kind == "topk":
-        k = min(k, logp.shape[-1])
-        values, ids = logp.topk(k, dim=-1)
-        # The outside mass summed directly, not 1 - (top-k mass): no rounding noise, exactly 0 when k = V.
-        rest = logp.scatter(-1, ids, float("-inf")).logsumexp(-1)
-        rows = {"ids": ids, "logp": values, "rest": rest}
-    else:
-        probs = logp.exp()
-        ids = torch.multinomial(probs, k, replacement=True, generator=generator) if len(probs) else \
-            torch.zeros((0, k), dtype=torch.long)
-        ids, _ = ids.sort(dim=-1)
-        entropy = -(probs * torch.where(probs > 0, logp, torch.zeros_like(logp))).sum(-1)
-        rows = {"ids": ids, "entropy": entropy}
-    return rows, mask.sum(1)
+        ids, values, rest = topk_rows(logits[:, :-1][mask].float(), k=k, temperature=temperature)
+        return {"ids": ids, "logp": values, "rest": rest}, mask.sum(1)
+    logp = torch.log_softmax(logits[:, :-1][mask].float() / temperature, dim=-1)   # (R, V)
+    probs = logp.exp()
+    ids = torch.multinomial(probs, k, replacement=True, generator=generator) if len(probs) else \
+        torch.zeros((0, k), dtype=torch.long)
+    ids, _ = ids.sort(dim=-1)
+    entropy = -(probs * torch.where(probs > 0, logp, torch.zeros_like(logp))).sum(-1)
+    return {"ids": ids, "entropy": entropy}, mask.sum(1)
 
 
 def encode_rows(rows: dict[str, np.ndarray], *, kind: str, vocab_size: int, value_bits: int) -> dict[str, np.ndarray]:
@@ -184,7 +180,7 @@ def local_source(cfg: DistillConfig, checked, *, progress: bool) -> Source:
                                             temperature=cfg.loss.logits.temperature, generator=gen)
             got = {key: v.cpu().numpy() for key, v in got.items()}
             if cc.offsets:  # what each row predicts, and where that token sits in the text
-                got.update(span_rows(train_ds, group, batch["labels"].cpu(), tok))
+                got.update(span_rows(items, batch["labels"].cpu()))
             parts.append(got)
             counts.append(per_example.cpu().numpy())
             bar.update(int(batch["attention_mask"][:, 1:].sum()))
@@ -235,12 +231,12 @@ def with_context(item: dict, tokenizer) -> dict:
             "spans": spans}
 
 
-def span_rows(view, indices, labels: torch.Tensor, tokenizer) -> dict[str, np.ndarray]:
-    """For the valid rows of a batch of teacher-view items (row-major, as :func:`teacher_rows`):
-    ``token`` (R,) int32 the token each row predicts, ``spans`` (R, 4) int32 its character span."""
+def span_rows(items: list[dict], labels: torch.Tensor) -> dict[str, np.ndarray]:
+    """For the valid rows of a batch of teacher-view items (row-major, as :func:`teacher_rows`;
+    ``labels`` (B, T) the batch's): ``token`` (R,) int32 the token each row predicts, ``spans``
+    (R, 4) int32 its character span."""
     tokens, spans = [], []
-    for b, i in enumerate(indices):
-        item = with_context(view[i], tokenizer)
+    for b, item in enumerate(items):
         n = len(item["input_ids"])
         keep = (labels[b, 1:n] != -100).numpy()
         tokens.append(item["input_ids"].numpy()[1:][keep])

@@ -102,6 +102,16 @@ class TeacherSignal:
         return "dense-hidden" if self.hidden is not None else "dense-logits"
 
 
+def topk_rows(logits: torch.Tensor, *, k: int, temperature: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A teacher's top-k rows: logits (R, V) -> ids (R, k') with k' = min(k, V), log-probs (R, k')
+    at ``temperature`` sorted descending, and ``rest`` (R,) the log of the mass outside them,
+    summed directly rather than as 1 - (top-k mass): no rounding noise, exactly -inf when k >= V.
+    Computed in float32 at least (float64 logits stay float64)."""
+    logp = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature, dim=-1)
+    values, ids = logp.topk(min(k, logp.shape[-1]), dim=-1)
+    return ids, values, logp.scatter(-1, ids, float("-inf")).logsumexp(-1)
+
+
 def check_sparse_loss(lc, *, kind: str, where: str) -> None:
     """Refuse, in one line, a logit loss (``loss.logits`` config ``lc``) that a sparse teacher
     signal of ``kind`` ('topk' | 'sampled') from ``where`` cannot feed exactly."""

@@ -260,7 +260,7 @@ def build_aligned_teacher(cfg: DistillConfig, cross: CrossTokenizerPlan, *, mode
     from ..models.vocab_map import build_vocab_map
     from ..teachers.aligned import CachedAlignedTeacher, OnlineAlignedTeacher
     from ..teachers.cache_format import CacheReader, CacheError
-    from ..teachers.cached import tokenizer_sha256
+    from ..teachers.cached import check_temperature, tokenizer_sha256
 
     cc = cfg.loss.cross_tokenizer
     if cross.manifest is not None:
@@ -274,10 +274,7 @@ def build_aligned_teacher(cfg: DistillConfig, cross: CrossTokenizerPlan, *, mode
         if m["offsets"]["text_fingerprint"] != text_fingerprint(cfg.data, seed=cfg.train.seed):
             raise CacheError(f"{where} was captured on other texts than this run's (data source, split or format "
                              "settings differ): capture it with this data section")
-        if abs(float(m["temperature"]) - cfg.loss.logits.temperature) > 1e-12:
-            raise ConfigError(f"{where} holds teacher log-probs at temperature {m['temperature']}, the run asks for "
-                              f"loss.logits.temperature={cfg.loss.logits.temperature}: set it to {m['temperature']} "
-                              "or capture again")
+        check_temperature(m, cfg.loss.logits.temperature, where)
         vmap = build_vocab_map(tokenizer, cross.teacher_tokenizer, student_rows=output_rows(student),
                                teacher_rows=int(m["teacher"]["vocab_size"]))
         log.info("vocabulary map: %s", vmap.describe())
