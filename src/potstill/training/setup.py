@@ -113,10 +113,12 @@ def build_run(cfg: DistillConfig, accelerator, precision: str, run_dir: Path, *,
     autocast = autocast_context(precision, device)
     strategy = make_strategy(cfg, accelerator)
     # Data are tokenized next, before any model loads: that checks every row, so preflight need not.
+    manifest = None
     if cfg.teacher.cache is not None:  # its manifest first: a missing or damaged cache is one line
-        check_manifest(Path(cfg.teacher.cache), read_manifest(Path(cfg.teacher.cache)))
+        manifest = read_manifest(Path(cfg.teacher.cache))
+        check_manifest(Path(cfg.teacher.cache), manifest)
     checked = preflight(cfg, role="distill", check_data=False)
-    cross = plan_cross_tokenizer(cfg, checked)
+    cross = plan_cross_tokenizer(cfg, checked, manifest)
     if cfg.eval.tasks:  # lm-eval installed, the task names known, the local task folders there
         from .tasks import check_tasks
 
@@ -211,17 +213,17 @@ class CrossTokenizerPlan:
     view: Any = None
 
 
-def plan_cross_tokenizer(cfg: DistillConfig, checked: Preflight) -> CrossTokenizerPlan | None:
+def plan_cross_tokenizer(cfg: DistillConfig, checked: Preflight, manifest: dict | None = None
+                         ) -> CrossTokenizerPlan | None:
     """Whether this run distills across tokenizers, decided before the data are tokenized (the
     student's tokens then carry character spans); what such a run cannot do is refused here, in
     one line. A cache captured with ``cache.offsets`` always aligns (it holds the teacher's own
-    tokenization); a teacher loaded here does when its tokenizer differs from the student's."""
+    tokenization); a teacher loaded here does when its tokenizer differs from the student's.
+    ``manifest``: the cache's, read and checked already."""
     from ..models.teacher_model import teacher_tokenizer
     from ..models.vocab import same_tokenizer
 
-    manifest = None
-    if cfg.teacher.cache is not None:
-        manifest = read_manifest(Path(cfg.teacher.cache))
+    if cfg.teacher.cache is not None:  # ``manifest``: the cache's, already read and checked
         if not manifest.get("offsets"):
             return None
         if cfg.teacher.tokenizer is None and cfg.teacher.name_or_path is None:
