@@ -66,6 +66,10 @@ class ServerConfig(_Section):
                                                     "this run (vLLM's /tokenize)")
 
 
+# transformers' attention kernels (``attn_implementation``); flash_attention_2/3 need their package and CUDA.
+AttnImplementation = Literal["sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention"]
+
+
 class TeacherConfig(_Section):
     """The frozen model that teaches. Loaded with ``AutoModelForCausalLM``, or served (``server``)."""
 
@@ -83,6 +87,8 @@ class TeacherConfig(_Section):
         None, description="train from a teacher cache written by potstill cache-teacher: no teacher is loaded")
     server: ServerConfig | None = Field(
         None, description="a teacher served by vLLM: no teacher is loaded (name_or_path, if given, names its tokenizer)")
+    attn_implementation: AttnImplementation | None = Field(
+        None, description="sdpa | eager | flash_attention_2 | ...: passed to from_pretrained; default: transformers'")
 
     @model_validator(mode="after")
     def _one_source(self) -> "TeacherConfig":
@@ -94,19 +100,65 @@ class TeacherConfig(_Section):
         return self
 
 
+class PruneConfig(_Section):
+    """Minitron-style pruning of the teacher: the channels, heads and blocks that matter least on a
+    few calibration batches of the run's data are removed (arXiv 2407.14679). Give the target shape,
+    or a parameter count (then the hidden and MLP widths shrink by one ratio), or both (the shape's
+    fields are kept, the rest fitted to the count)."""
+
+    hidden_size: int | None = Field(None, ge=1, le=MAX_COUNT, description="target hidden size (embedding channels)")
+    intermediate_size: int | None = Field(None, ge=1, le=MAX_COUNT, description="target MLP width")
+    num_attention_heads: int | None = Field(None, ge=1, le=MAX_COUNT, description="target query heads")
+    num_key_value_heads: int | None = Field(None, ge=1, le=MAX_COUNT, description="target key/value heads (GQA groups)")
+    num_layers: int | None = Field(None, ge=1, le=MAX_COUNT, description="target decoder blocks (depth pruning)")
+    params: int | None = Field(None, ge=1, description="target parameter count (e.g. 20000000)")
+    calibration_batches: int = Field(8, ge=1, le=MAX_COUNT, description="batches of train data for the importance")
+    layer_importance: Literal["cosine", "loss"] = Field(
+        "cosine", description="depth: 1 - cos(block input, output) (ShortGPT) | the LM loss rise without the block")
+    round_to: int = Field(8, ge=1, le=4096, description="fitted widths are multiples of this")
+
+    @model_validator(mode="after")
+    def _some_target(self) -> "PruneConfig":
+        shape = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "num_layers")
+        if self.params is None and all(getattr(self, k) is None for k in shape):
+            raise ValueError("give a target: params, or one or more of " + ", ".join(shape))
+        return self
+
+
 class FromTeacherConfig(_Section):
-    """Initialize the student from the teacher, keeping a subset of its decoder layers."""
+    """Initialize the student from the teacher: a subset of its decoder layers, or pruned."""
 
     layers: list[int] | None = Field(None, description="teacher layer indices to keep, in order")
     every: int | None = Field(None, ge=1, le=MAX_COUNT, description="keep layers 0, every, 2*every, ...")
+    prune: PruneConfig | None = Field(None, description="prune heads, channels and blocks by importance")
 
     @model_validator(mode="after")
     def _one_rule(self) -> "FromTeacherConfig":
-        if (self.layers is None) == (self.every is None):
-            raise ValueError("give exactly one of 'layers' (a list of teacher layer indices) or 'every' (an integer)")
+        if sum(x is not None for x in (self.layers, self.every, self.prune)) != 1:
+            raise ValueError("give exactly one of 'layers' (a list of teacher layer indices), 'every' (an integer) "
+                             "or 'prune' (a target shape or parameter count)")
         if self.layers is not None and not self.layers:
             raise ValueError("'layers' is empty: keep at least one teacher layer")
         return self
+
+
+class LoraConfig(_Section):
+    """Train low-rank adapters (PEFT LoRA) instead of the whole student; the run writes the
+    adapter and the merged student."""
+
+    r: int = Field(16, ge=1, le=65536, description="adapter rank")
+    alpha: float = Field(32.0, gt=0, description="scaling: alpha / r")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the adapter's input")
+    target_modules: Union[list[str], str] = Field(
+        "all-linear", description="module names (or a regex) that get adapters; all-linear: every linear layer but the head")
+
+
+class EmbeddingsFromTeacher(_Section):
+    """The student's input embeddings and output head taken from the teacher's."""
+
+    mode: Literal["copy", "project"] = Field(
+        "copy", description="copy: equal widths; project: the teacher's rows on their top principal directions (PCA)")
+    freeze: bool = Field(False, description="keep them frozen during training")
 
 
 class StudentConfig(_Section):
@@ -123,6 +175,14 @@ class StudentConfig(_Section):
     bitnet: bool = Field(False, description="BitNet b1.58: ternary weights, 8-bit activations in every linear layer")
     bitnet_head: bool = Field(False, description="with bitnet: make the output head ternary too")
     bitnet_embeddings: bool = Field(False, description="with bitnet: make the input embeddings ternary too")
+    lora: LoraConfig | None = Field(None, description="train LoRA adapters only (needs the peft package)")
+    freeze: list[str] = Field(default_factory=list, description="regexes: parameters whose names match stay frozen")
+    train_only: list[str] = Field(default_factory=list, description="regexes: only parameters whose names match train")
+    spectrum: str | None = Field(None, description="a Spectrum YAML (unfrozen_parameters: regexes): only those train")
+    embeddings_from_teacher: EmbeddingsFromTeacher | None = Field(
+        None, description="initialize the input embeddings and output head from the teacher's")
+    attn_implementation: AttnImplementation | None = Field(
+        None, description="sdpa | eager | flash_attention_2 | ...: passed to from_pretrained / from_config")
 
     @model_validator(mode="after")
     def _one_source(self) -> "StudentConfig":
@@ -133,6 +193,12 @@ class StudentConfig(_Section):
                 + (f" (got {', '.join(given)})" if given else ""))
         if (self.bitnet_head or self.bitnet_embeddings) and not self.bitnet:
             raise ValueError("student.bitnet_head / bitnet_embeddings need student.bitnet=true")
+        if self.train_only and self.spectrum:
+            raise ValueError("give student.train_only or student.spectrum, not both: each names what trains")
+        if self.lora is not None and self.bitnet:
+            raise ValueError("student.lora with student.bitnet is not supported: adapters on ternary layers")
+        if self.lora is not None and (self.train_only or self.spectrum):
+            raise ValueError("student.lora trains the adapters only: student.train_only / spectrum do not apply")
         return self
 
 

@@ -332,3 +332,24 @@ def test_onpolicy_plans_the_sampled_sequences(tmp_path, teacher_dir, chat_jsonl)
     assert on["rows"][0]["total"] > base["rows"][0]["total"]
     # twice the sequences, each twice as long: fewer prompts fit than data examples
     assert on["rows"][0]["largest_batch_size"] < base["rows"][0]["largest_batch_size"]
+
+
+def test_lora_and_frozen_students_plan_gradients_and_adam_state_for_what_trains(tmp_path, teacher_dir, text_jsonl):
+    """The trained count comes from the student built (meta) with its adapters and frozen parts, as a
+    run builds it; gradients and AdamW moments scale with it, the weights with the whole model."""
+    from potstill.config import as_config
+    from potstill.models.memory import Setting, estimate, run_models
+    from potstill.training.setup import load_models
+
+    base = tiny.run_config(tmp_path / "run", teacher_dir, text_jsonl)
+    for overrides in (["student.lora.r=4"], ["student.freeze=[embed_tokens, 'layers\\.0\\.']"]):
+        cfg = as_config(base, overrides)
+        plan = run_models(cfg).student
+        _, real, _, _ = load_models(cfg, "fp32")
+        assert plan.params == sum(p.numel() for p in real.parameters())
+        assert plan.trained == sum(p.numel() for p in real.parameters() if p.requires_grad) < plan.params
+        full = run_models(as_config(base)).student
+        st = Setting(batch_size=2, seq_len=48, precision="fp32")
+        lean, whole = estimate(plan, None, st).parts, estimate(full, None, st).parts
+        assert lean["gradients"] == 4 * plan.trained and whole["gradients"] == 4 * full.params
+        assert lean["optimizer"] < whole["optimizer"]

@@ -96,6 +96,14 @@ def weights_origin(cfg: dict[str, Any], roots: tuple[Path, ...] = ()) -> tuple[s
     """(base_model, base_model_relation, sentence) for where the student's weights came from; ``roots``
     as in :func:`hub_id`."""
     student, teacher = cfg.get("student") or {}, (cfg.get("teacher") or {}).get("name_or_path")
+    if student.get("from_teacher") and student["from_teacher"].get("prune"):
+        target = {k: v for k, v in student["from_teacher"]["prune"].items()
+                  if k in ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
+                           "num_layers", "params") and v is not None}
+        base = hub_id(teacher, roots)
+        return base, "finetune" if base else None, (
+            "pruned from the teacher (Minitron-style: the heads, channels and blocks that mattered least on "
+            f"calibration batches removed; target {', '.join(f'{k} {v}' for k, v in target.items())}), then trained")
     if student.get("from_teacher"):
         rule = student["from_teacher"]
         every = rule.get("every")
@@ -109,6 +117,28 @@ def weights_origin(cfg: dict[str, Any], roots: tuple[Path, ...] = ()) -> tuple[s
         return base, "finetune" if base else None, \
             f"initialized from {_shown(student['name_or_path'], roots)}, then trained"
     return None, None, "built from a model config with random initialization (no pretrained weights)"
+
+
+def _trained_part_words(student: dict[str, Any], summary: dict[str, Any]) -> list[str]:
+    """Card lines for what of the student trained: LoRA adapters, frozen parts, teacher embeddings."""
+    lines = []
+    trained, total = summary.get("trained_parameters"), summary.get("student_parameters")
+    share = f" ({fmt(trained)} of {fmt(total)} parameters trained)" if trained and total and trained < total else ""
+    lora = student.get("lora")
+    if lora:
+        lines.append(f"- **LoRA:** rank {lora.get('r')}, alpha {lora.get('alpha')} on {lora.get('target_modules')}"
+                     f"{share}; `student/` is merged, `adapter/` holds the adapter alone")
+    elif student.get("freeze") or student.get("train_only") or student.get("spectrum"):
+        parts = [f"{k} {', '.join(f'`{x}`' for x in student[k])}" for k in ("freeze", "train_only") if student.get(k)]
+        if student.get("spectrum"):
+            parts.append(f"Spectrum file `{Path(student['spectrum']).name}`")
+        lines.append(f"- **Frozen parts:** {'; '.join(parts)}{share}")
+    emb = student.get("embeddings_from_teacher")
+    if emb:
+        how = "copied" if emb.get("mode") == "copy" else "projected onto their top principal directions"
+        lines.append(f"- **Embeddings:** the teacher's input embeddings and head, {how}"
+                     + (", kept frozen" if emb.get("freeze") else ""))
+    return lines
 
 
 def _loss_words(cfg: dict[str, Any]) -> list[str]:
@@ -270,6 +300,7 @@ def build_model_card(run_dir: str | os.PathLike, *, baselines: dict[str, Path] |
     tparams = s.get("teacher_parameters")
     lines.append(f"- **Teacher:** {_teacher_words(cfg, roots)}" + (f", {fmt(tparams)} parameters" if tparams else ""))
     lines.append(f"- **Student:** {fmt(params) + ' parameters, ' if params else ''}{origin}")
+    lines += _trained_part_words(cfg.get("student") or {}, s)
     losses = _loss_words(cfg)
     lines.append("- **Losses:** " + ("; ".join(losses) if losses else "-"))
     lines.append(f"- **Data:** {_shown((cfg.get('data') or {}).get('source'), roots)}"

@@ -300,3 +300,22 @@ def freeze(model: nn.Module) -> nn.Module:
     for p in model.parameters():
         p.requires_grad_(False)
     return model
+
+
+def set_attention(model: nn.Module, implementation: str | None, role: str) -> nn.Module:
+    """``{role}.attn_implementation``: the model's attention kernel (sdpa, eager, flash_attention_2,
+    ...), set on the built model (``set_attn_implementation``) so that it applies to every way a
+    model is made here: loaded, built from a config, cut or pruned from the teacher, or passed in.
+    A kernel whose package or device is missing is one line."""
+    if implementation is None:
+        return model
+    setter = getattr(model, "set_attn_implementation", None)
+    if setter is None:
+        raise ModelError(f"{role}.attn_implementation: {type(model).__name__} is not a transformers model, whose "
+                         "attention kernel can be chosen; remove the setting")
+    try:
+        setter(implementation)
+    except (ImportError, ValueError) as err:
+        raise ModelError(f"{role}.attn_implementation={implementation} is not usable here ({one_line(err)}): "
+                         "use sdpa or eager, or install the kernel's package on a machine that supports it") from None
+    return model

@@ -127,6 +127,11 @@ class ModelShape:
     chunked_why: str = ""
     attn_implementation: str = "sdpa"
     dtype: str | None = None   # the dtype its config names (torch_dtype / dtype), if any
+    trained_params: int | None = None  # what trains (LoRA adapters, unfrozen parts); None: all of params
+
+    @property
+    def trained(self) -> int:
+        return self.params if self.trained_params is None else self.trained_params
 
     @property
     def q_width(self) -> int:
@@ -407,6 +412,7 @@ def estimate(s: ModelShape, t: ModelShape | None, st: Setting, *, checkpointing:
     n = st.devices
     fsdp = st.strategy == "fsdp"
     P = s.params
+    Pt = s.trained  # gradients and AdamW state exist only for what trains (LoRA, frozen parts)
 
     # Student weights: fp32 master (sharded under FSDP) + what is gathered + autocast's bf16 copies.
     # With FSDP's CPU offload (CUDA) the shards, their gradients and AdamW state live in host memory.
@@ -421,18 +427,20 @@ def estimate(s: ModelShape, t: ModelShape | None, st: Setting, *, checkpointing:
     # largest: embeddings and head) before its reduce-scatter; DDP over several processes also
     # keeps its all-reduce buckets, a second copy.
     if fsdp:
-        grads = int((0 if offload else 4 * P / n) + 4 * max(s.root_params, s.layer_params))
+        grads = int((0 if offload else 4 * Pt / n) + 4 * max(s.root_params, s.layer_params))
     else:
-        grads = 4 * P + (4 * P if n > 1 else 0)
-    grads_persistent = grads - 4 * P if (not fsdp and n > 1) else 0  # DDP's buckets live from the first backward
+        grads = 4 * Pt + (4 * Pt if n > 1 else 0)
+    grads_persistent = grads - 4 * Pt if (not fsdp and n > 1) else 0  # DDP's buckets live from the first backward
     grads_live = grads - grads_persistent
 
     # AdamW: two float32 moments. The step's temporaries: on CPU the single-tensor AdamW makes a
     # few temporaries the size of the largest parameter (denominator, update); on CUDA the
     # foreach implementation one more float32 copy of all of them.
-    opt = 0 if offload else int(8 * P / n if fsdp else 8 * P)
+    opt = 0 if offload else int(8 * Pt / n if fsdp else 8 * Pt)
     largest = max(s.embed_params, s.head_params, s.layer_params // 3)
-    step_temp = 0 if offload else int(2 * 4 * largest if st.device_type == "cpu" else 4 * P / (n if fsdp else 1))
+    if Pt < P:
+        largest = min(largest, Pt)
+    step_temp = 0 if offload else int(2 * 4 * largest if st.device_type == "cpu" else 4 * Pt / (n if fsdp else 1))
 
     local = t is not None and st.teacher == "local"
     teacher_w = teacher_weight_bytes(t, st) if local else 0
@@ -643,6 +651,14 @@ def run_models(cfg, cache_k: int | None = None) -> RunModels:
         student = shape_of(read_model_config(sc.name_or_path, role="student", revision=sc.revision,
                                              trust_remote_code=sc.trust_remote_code), "student")
         source = str(sc.name_or_path)
+    elif sc.from_teacher is not None and sc.from_teacher.prune is not None:
+        if teacher is None:
+            raise ConfigError("student.from_teacher.prune needs the teacher's config: set teacher.name_or_path to a "
+                              "folder or hub id (a cache or server holds no weights to prune)")
+        from .pruning import pruned_config
+
+        student = shape_of(pruned_config(teacher_config, sc.from_teacher.prune), "student")
+        source = f"pruned from teacher, {student.params / 1e6:.1f}M of {teacher.params / 1e6:.1f}M parameters"
     elif sc.from_teacher is not None:
         if teacher is None:
             raise ConfigError("student.from_teacher needs the teacher's config: set teacher.name_or_path to a "
@@ -662,7 +678,52 @@ def run_models(cfg, cache_k: int | None = None) -> RunModels:
             teacher_config.vocab_size if teacher_config is not None else None), tokenizer=None)
         student = shape_of(build_student_config(model_type, fields), "student")
         source = f"from config ({model_type})"
+    if sc.lora is not None or sc.freeze or sc.train_only or sc.spectrum or (
+            sc.embeddings_from_teacher is not None and sc.embeddings_from_teacher.freeze):
+        student = trained_shape(student, sc, cfg, teacher_config)
+        source += f"; training {student.trained / 1e6:.2f}M of {student.params / 1e6:.2f}M parameters"
     return RunModels(student=student, teacher=teacher, teacher_kind=kind, student_source=source, top_k=top_k)
+
+
+def trained_shape(student: ModelShape, sc, cfg, teacher_config) -> ModelShape:
+    """``student`` with its trained parameter count: the student built on the meta device (no
+    weights) with its LoRA adapters and frozen parts applied as a run applies them. A LoRA
+    student's parameters include its adapters."""
+    import copy
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from .students import build_student_config, complete_student_fields, make_trainable
+
+    if sc.name_or_path is not None:
+        config = read_model_config(sc.name_or_path, role="student", revision=sc.revision,
+                                   trust_remote_code=sc.trust_remote_code)
+    elif sc.from_teacher is not None and sc.from_teacher.prune is not None:
+        from .pruning import pruned_config
+
+        config = pruned_config(teacher_config, sc.from_teacher.prune)
+    elif sc.from_teacher is not None:
+        config = copy.deepcopy(teacher_config)
+        config.num_hidden_layers = len(select_layers_of(teacher_config, sc.from_teacher))
+        if isinstance(getattr(config, "layer_types", None), list):
+            config.layer_types = config.layer_types[:config.num_hidden_layers]
+    else:
+        fields = dict(sc.config or {})
+        model_type = fields.pop("model_type", None) or teacher_config.model_type
+        config = build_student_config(model_type, complete_student_fields(fields, model_type, vocab_size=(
+            teacher_config.vocab_size if teacher_config is not None else None), tokenizer=None))
+    with torch.device("meta"):
+        model = make_trainable(AutoModelForCausalLM.from_config(config), sc)
+    params = sum(p.numel() for p in model.parameters())
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return replace(student, params=params, trained_params=trained)
+
+
+def select_layers_of(teacher_config, rule) -> list[int]:
+    from .students import select_layers
+
+    return select_layers(int(teacher_config.num_hidden_layers), rule.layers, rule.every)
 
 
 def resolve_target_precision(precision: str, device_type: str) -> str:

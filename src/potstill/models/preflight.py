@@ -94,6 +94,9 @@ def preflight(cfg: DistillConfig | dict | str | os.PathLike, *, role: str = "dis
         require_eos(tok)
     for model in models:
         model.config = model_config(model)
+    if role == "distill" and teacher is not None and teacher.config is not None and \
+            cfg.student.from_teacher is not None and cfg.student.from_teacher.prune is not None:
+        check_prune_target(teacher.config, cfg.student.from_teacher.prune)
     student_context = None
     if role == "distill" and cfg.student.config is not None:
         # Across tokenizers (its own differs from the teacher's) the student takes its own vocabulary.
@@ -106,6 +109,20 @@ def preflight(cfg: DistillConfig | dict | str | os.PathLike, *, role: str = "dis
         check_data_rows(cfg.data, tok if role != "generate" else None, seed=cfg.train.seed,
                         fields=role != "generate")
     return Preflight(tokenizer=tok, teacher_tokenizer=teacher_tok)
+
+
+def check_prune_target(teacher_config: Any, prune) -> None:
+    """``student.from_teacher.prune``'s target against the teacher's config (a config.json dict or a
+    config object): a target the teacher cannot be pruned to is one line before any weight loads."""
+    from .pruning import pruned_config
+
+    if isinstance(teacher_config, dict):
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+        if teacher_config.get("model_type") not in CONFIG_MAPPING:
+            return  # not a type transformers knows: loading the teacher says so
+        teacher_config = CONFIG_MAPPING[teacher_config["model_type"]].from_dict(teacher_config)
+    pruned_config(teacher_config, prune)
 
 
 def served_tokenizer_given(cfg: DistillConfig) -> bool:
@@ -128,6 +145,20 @@ def check_settings(cfg: DistillConfig, role: str) -> None:
                          "teacher keeps in its server: give student.name_or_path or student.config")
     if role == "distill" and cfg.student.from_teacher is not None and not loads_teacher(cfg, role):
         raise ModelError("student.from_teacher needs a teacher: set teacher.name_or_path")
+    if role == "distill" and cfg.student.embeddings_from_teacher is not None and not loads_teacher(cfg, role):
+        raise ModelError("student.embeddings_from_teacher needs the teacher's weights in this process: set "
+                         "teacher.name_or_path (a cache or a server holds no embeddings)")
+    if role == "distill" and cfg.student.lora is not None:
+        from .lora import import_peft
+
+        import_peft()  # before the data are tokenized: a missing package is one line at once
+        if cfg.train.strategy == "fsdp":
+            raise ConfigError("student.lora with train.strategy=fsdp is not supported yet: use ddp "
+                              "(train.strategy=auto); the adapters are small enough to replicate")
+    if role == "distill" and cfg.student.spectrum is not None:
+        from .freezing import read_spectrum
+
+        read_spectrum(cfg.student.spectrum)  # a missing or malformed file is one line before anything loads
 
 
 def loads_teacher(cfg: DistillConfig, role: str) -> bool:

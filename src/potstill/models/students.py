@@ -13,7 +13,7 @@ import inspect
 import logging
 import re
 from functools import lru_cache
-from typing import Any
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
@@ -23,21 +23,28 @@ from ..errors import ModelError, one_line
 from .bitnet import apply_student_config
 from .int4 import dequantized_state_dict
 from .layers import decoder_layers, num_layers
-from .loading import load_causal_lm, load_tokenizer
+from .loading import load_causal_lm, load_tokenizer, set_attention
 
 log = logging.getLogger("potstill")
 
 
 def load_student(cfg: StudentConfig, *, teacher: nn.Module | None, teacher_tokenizer,
-                 tokenizer: Any = None, meta: bool = False, own_vocab: bool = False) -> tuple[nn.Module, Any]:
-    """(trainable student in float32, tokenizer) from a path/object, a config, or the teacher's layers.
+                 tokenizer: Any = None, meta: bool = False, own_vocab: bool = False,
+                 calibration: Callable[[int], Iterable[dict]] | None = None,
+                 progress: bool = False) -> tuple[nn.Module, Any]:
+    """(trainable student in float32, tokenizer) from a path/object, a config, or the teacher.
 
     ``tokenizer``: the student's tokenizer, already loaded (by :func:`~.preflight.preflight`);
     else it is loaded here from ``student.tokenizer``, the student's folder, or the teacher's.
     ``meta``: built on the meta device, no weights read or initialized (its shards come from the
     main process: training/sharding.py); a BitNet student is always built for real.
     ``own_vocab``: a cross-tokenizer run; a student built from ``student.config`` takes its own
-    tokenizer's vocabulary size (else the teacher's)."""
+    tokenizer's vocabulary size (else the teacher's).
+    ``calibration``: ``n -> n batches`` of the run's train data (dicts of ``input_ids``,
+    ``attention_mask``, ``labels``, each (B, T)), for ``student.from_teacher.prune``.
+
+    Then, in this order: the attention kernel, the embeddings from the teacher, BitNet layers,
+    LoRA adapters, and the frozen parts (:func:`make_trainable`)."""
     meta = meta and not cfg.bitnet
     if cfg.name_or_path is not None:
         model = load_causal_lm(cfg.name_or_path, revision=cfg.revision, dtype=torch.float32,
@@ -46,8 +53,7 @@ def load_student(cfg: StudentConfig, *, teacher: nn.Module | None, teacher_token
     elif cfg.from_teacher is not None:
         if teacher is None:
             raise ModelError("student.from_teacher needs a teacher: set teacher.name_or_path")
-        layers = select_layers(num_layers(teacher), cfg.from_teacher.layers, cfg.from_teacher.every)
-        model = student_from_teacher(teacher, layers, meta=meta)
+        model = cut_or_prune(teacher, cfg.from_teacher, meta=meta, calibration=calibration, progress=progress)
         tok_ref = cfg.tokenizer
     else:
         tok_ref = cfg.tokenizer
@@ -60,24 +66,73 @@ def load_student(cfg: StudentConfig, *, teacher: nn.Module | None, teacher_token
                                         model_type_from=teacher)
     if tokenizer is None:
         tokenizer = student_tokenizer(cfg, tok_ref, teacher_tokenizer)
+    set_attention(model, cfg.attn_implementation, "student")
+    if cfg.embeddings_from_teacher is not None and not meta:  # meta: the values come from the main process
+        from .teacher_embeddings import embeddings_from_teacher
+
+        if teacher is None:
+            raise ModelError("student.embeddings_from_teacher needs a teacher loaded in this process: set "
+                             "teacher.name_or_path (a cache or a server holds no embeddings)")
+        log.info("student embeddings: %s", embeddings_from_teacher(
+            model, teacher, mode=cfg.embeddings_from_teacher.mode, freeze=False))
     model = apply_student_config(model, cfg)  # student.bitnet: ternary linear layers
     model = model.float()
     model.train()
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    return make_trainable(model, cfg), tokenizer
+
+
+def cut_or_prune(teacher: nn.Module, rule, *, meta: bool, calibration, progress: bool) -> nn.Module:
+    """``student.from_teacher``: the teacher's ``layers`` / ``every`` kept, or pruned (``prune``)."""
+    if rule.prune is None:
+        return student_from_teacher(teacher, select_layers(num_layers(teacher), rule.layers, rule.every), meta=meta)
+    from .pruning import prune_teacher, pruned_config
+
+    if meta:
+        with torch.device("meta"):
+            return type(teacher)(pruned_config(teacher.config, rule.prune))
+    if calibration is None:
+        raise ModelError("student.from_teacher.prune measures importance on the run's data: none were given")
+    return prune_teacher(teacher, rule.prune, calibration(rule.prune.calibration_batches), progress=progress)
+
+
+def make_trainable(model: nn.Module, cfg: StudentConfig) -> nn.Module:
+    """Every parameter trains, except: with ``student.lora`` all but the adapters; then the
+    ``student.freeze`` / ``train_only`` / ``spectrum`` patterns, and embeddings taken from the
+    teacher with ``freeze``. The optimizer sees only what trains (training/setup.build_optimizer)."""
     for p in model.parameters():
         p.requires_grad_(True)
-    if cfg.gradient_checkpointing:
-        if not getattr(model, "supports_gradient_checkpointing", False):
-            raise ModelError(f"student.gradient_checkpointing: {type(model).__name__} does not support it")
-        # transformers 5 renamed it; older versions only have gradient_checkpointing_enable.
-        enable = getattr(model, "activation_checkpointing_enable", None)
-        if enable is not None:
-            enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        # The KV cache is useless in training and conflicts with checkpointing.
-        if getattr(model, "config", None) is not None:
-            model.config.use_cache = False
-    return model, tokenizer
+    if cfg.lora is not None:
+        from .lora import add_lora
+
+        model = add_lora(model, cfg.lora)
+    freeze = list(cfg.freeze)
+    if cfg.embeddings_from_teacher is not None and cfg.embeddings_from_teacher.freeze:
+        for name in ("get_input_embeddings", "get_output_embeddings"):
+            module = getattr(model, name)()
+            if module is not None:
+                module.weight.requires_grad_(False)
+    if freeze or cfg.train_only or cfg.spectrum:
+        from .freezing import apply_freezing
+
+        log.info("student: %s", apply_freezing(model, freeze=freeze, train_only=cfg.train_only,
+                                               spectrum=cfg.spectrum).describe())
+    return model
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ModelError(f"student.gradient_checkpointing: {type(model).__name__} does not support it")
+    # transformers 5 renamed it; older versions only have gradient_checkpointing_enable.
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # The KV cache is useless in training and conflicts with checkpointing.
+    if getattr(model, "config", None) is not None:
+        model.config.use_cache = False
 
 
 def student_tokenizer_ref(cfg: StudentConfig) -> Any:

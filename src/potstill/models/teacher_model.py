@@ -8,7 +8,7 @@ import torch
 
 from ..config import TeacherConfig
 from ..errors import ModelError
-from .loading import DTYPES, freeze, load_causal_lm, load_tokenizer
+from .loading import DTYPES, freeze, load_causal_lm, load_tokenizer, set_attention
 
 
 def teacher_dtype(setting: str, compute: torch.dtype | None) -> torch.dtype:
@@ -32,6 +32,7 @@ def load_teacher(cfg: TeacherConfig, *, dtype: torch.dtype | None, tokenizer: An
                                trust_remote_code=cfg.trust_remote_code, role="teacher", meta=meta)
     if dtype is not None and not isinstance(cfg.name_or_path, str) and cfg.quantization == "none":
         model = model.to(dtype)
+    set_attention(model, cfg.attn_implementation, "teacher")
     if tokenizer is None:
         tokenizer = teacher_tokenizer(cfg)
     return freeze(model), tokenizer

@@ -528,13 +528,15 @@ def finish(run: Run, metrics: MetricsLogger, step_log: StepLog, progress: bool, 
         projectors = run.features.projectors if run.features is not None and run.features.hidden_pairs else None
         with disk_errors(f"saving the student to {student_dir}", cleanup=run.run_dir / ".tmp-student",
                          advice=lambda: resume_advice(run.run_dir)):
-            student_dir = publish_student(run.run_dir, run.raw_student, run.tokenizer, projectors, state_dict=whole)
+            student_dir = publish_student(run.run_dir, run.raw_student, run.tokenizer, projectors, state_dict=whole,
+                                          base_model=run.cfg.student.name_or_path)
             write_summary(run.run_dir, {
                 "steps": run.max_steps, "final_eval": final_eval,
                 "initial_eval": logged_eval(metrics.path, 0) or {},
                 "train": train_metrics, "train_overall": step_log.overall(),
                 "tasks": logged_tasks(metrics.path, run.max_steps),
                 "student_parameters": run.n_params,
+                "trained_parameters": sum(p.numel() for p in run.raw_student.parameters() if p.requires_grad),
                 "teacher_parameters": sum(p.numel() for p in run.teacher.model.parameters())
                 if run.teacher.model is not None else (run.teacher.summary() or {}).get("teacher_parameters"),
                 **({"cross_tokenizer": run.teacher.summary()} if run.teacher.summary() is not None else {}),

@@ -2,7 +2,8 @@
 
     <run>/config.yaml  run_info.json  metrics.jsonl  tensorboard/
           checkpoints/step-000120/ ...   (atomic, verified, see :mod:`potstill.training.checkpoint`)
-          student/       the final student (save_pretrained, safetensors, tokenizer)
+          student/       the final student (save_pretrained, safetensors, tokenizer); with LoRA, merged
+          adapter/       with student.lora: the LoRA adapter alone (PEFT's format)
           projectors/    feature projectors, beside the student (not inside it)
           summary.json   written last
           .potstill-owned  the mark that potstill made this folder a run (see :mod:`potstill.ownership`)
@@ -28,9 +29,10 @@ from ..ownership import MARK_FILE, check_writable, input_paths, is_within, mark_
 from . import checkpoint as ckpt
 from .metrics import run_info
 
-RUN_ARTIFACTS = ("checkpoints", "student", PROJECTORS_DIR, "metrics.jsonl", "tensorboard", "summary.json", "config.yaml",
-                 "run_info.json", "report")
+RUN_ARTIFACTS = ("checkpoints", "student", "adapter", PROJECTORS_DIR, "metrics.jsonl", "tensorboard", "summary.json",
+                 "config.yaml", "run_info.json", "report")
 STUDENT_DIR = "student"
+ADAPTER_DIR = "adapter"
 
 # What a run reads from disk: overwrite must never delete any of it.
 INPUT_KEYS = ("student.name_or_path", "student.tokenizer", "teacher.name_or_path", "teacher.tokenizer",
@@ -169,10 +171,22 @@ def write_run_files(cfg: DistillConfig, run_dir: Path) -> None:
     atomic_write_text(run_dir / "run_info.json", json.dumps(run_info(), indent=2))
 
 
-def publish_student(run_dir: Path, student, tokenizer, projectors=None, state_dict=None) -> Path:
+def publish_student(run_dir: Path, student, tokenizer, projectors=None, state_dict=None, base_model=None) -> Path:
     """Save the final student (and the feature projectors beside it), each folder atomically.
-    ``state_dict``: the student's whole weights when the model holds only a shard of them (FSDP)."""
+    ``state_dict``: the student's whole weights when the model holds only a shard of them (FSDP).
+    A LoRA student is saved twice: ``adapter/`` (the adapter alone; ``base_model``, the student's
+    starting point when it is a hub id or folder, is recorded in it) and ``student/``, merged: a
+    plain model folder."""
+    from ..models.lora import has_lora, merged_copy, save_adapter
+
     student_dir = run_dir / STUDENT_DIR
+    if has_lora(student):
+        tmp = run_dir / ".tmp-adapter"
+        shutil.rmtree(tmp, ignore_errors=True)
+        save_adapter(student, tmp, base_model=base_model)
+        tokenizer.save_pretrained(tmp)
+        publish_dir(tmp, run_dir / ADAPTER_DIR)
+        student = merged_copy(student)
     tmp = run_dir / ".tmp-student"
     shutil.rmtree(tmp, ignore_errors=True)
     student.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)

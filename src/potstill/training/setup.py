@@ -97,8 +97,9 @@ class Run:
         return 2 * local_bytes(student) + local_bytes(state) + local_bytes(held)
 
     def trained_parameters(self) -> list[nn.Parameter]:
-        """Student and feature-projector parameters: what clipping and the optimizer see."""
-        return list(self.student.parameters()) + (self.features.parameters() if self.features else [])
+        """Student and feature-projector parameters that train: what clipping and the optimizer see."""
+        return [p for p in self.student.parameters() if p.requires_grad] + (
+            self.features.parameters() if self.features else [])
 
 
 def build_run(cfg: DistillConfig, accelerator, precision: str, run_dir: Path, *, progress: bool) -> Run:
@@ -137,8 +138,10 @@ def build_run(cfg: DistillConfig, accelerator, precision: str, run_dir: Path, *,
         warn_about_datasets(train_ds, val_ds, epochs=batcher.epoch_of(max_steps))
 
     server = connect_server(cfg, tokenizer=checked.tokenizer, train_ds=train_ds)  # a served teacher: checked first
-    teacher_model, student, tokenizer, shared_vocab = load_models(cfg, precision, checked, meta=strategy.meta_init,
-                                                                  cross=cross is not None)
+    teacher_model, student, tokenizer, shared_vocab = load_models(
+        cfg, precision, checked, meta=strategy.meta_init, cross=cross is not None,
+        calibration=calibration_batches(train_ds, cfg.train.batch_size, checked.tokenizer.pad_token_id, device),
+        progress=progress and accelerator.is_main_process)
     features = FeatureDistiller.build(cfg.loss, teacher_model, student, seed=cfg.train.seed)
     if features is not None:
         features.to(device)
@@ -175,7 +178,8 @@ def build_run(cfg: DistillConfig, accelerator, precision: str, run_dir: Path, *,
 
 
 def load_models(cfg: DistillConfig, precision: str, checked: Preflight | None = None, *, meta: bool = False,
-                cross: bool = False) -> tuple[nn.Module | None, nn.Module, Any, int | None]:
+                cross: bool = False, calibration: Callable[[int], list[dict]] | None = None,
+                progress: bool = False) -> tuple[nn.Module | None, nn.Module, Any, int | None]:
     """(frozen teacher model or None, trainable student, tokenizer, shared vocabulary or None).
 
     ``checked``: what :func:`~potstill.models.preflight.preflight` loaded (the tokenizers); run
@@ -183,14 +187,16 @@ def load_models(cfg: DistillConfig, precision: str, checked: Preflight | None = 
     differs from the student's is refused where a logit or feature term needs it, else dropped
     (no evaluation against it), unless ``cross`` (a cross-tokenizer run: the logit term aligns
     the two tokenizations). ``meta``: models built on the meta device where they can be, no
-    weights read (their shards come from the main process: :mod:`.sharding`)."""
+    weights read (their shards come from the main process: :mod:`.sharding`). ``calibration``:
+    ``n -> n batches`` of the train data, for a pruned student (:func:`calibration_batches`)."""
     checked = checked or preflight(cfg, role="distill", check_data=False)
     teacher, teacher_tok = None, None
     if cfg.teacher.name_or_path is not None and cfg.teacher.cache is None and cfg.teacher.server is None:
         dtype = teacher_dtype(cfg.teacher.dtype, compute_dtype(precision))
         teacher, teacher_tok = load_teacher(cfg.teacher, dtype=dtype, tokenizer=checked.teacher_tokenizer, meta=meta)
     student, tokenizer = load_student(cfg.student, teacher=teacher, teacher_tokenizer=teacher_tok,
-                                      tokenizer=checked.tokenizer, meta=meta, own_vocab=cross)
+                                      tokenizer=checked.tokenizer, meta=meta, own_vocab=cross,
+                                      calibration=calibration, progress=progress)
     shared_vocab = None
     if teacher is not None and not cross:
         try:
@@ -291,13 +297,35 @@ def build_aligned_teacher(cfg: DistillConfig, cross: CrossTokenizerPlan, *, mode
                                 context_token=context_token(cross.teacher_tokenizer))
 
 
+def calibration_batches(train_ds, batch_size: int, pad_token_id: int | None, device: torch.device
+                        ) -> Callable[[int], list[dict]]:
+    """``n -> the first n batches of the train split`` in its order (the same on every process),
+    as dicts of ``input_ids``, ``attention_mask``, ``labels`` (B, T): what a pruned student's
+    importance is measured on."""
+    from ..data.batching import MicroBatch
+
+    def batches(n: int) -> list[dict]:
+        starts = range(0, min(n * batch_size, len(train_ds)), batch_size)
+        out = []
+        for start in starts:
+            b = MicroBatch.collate(train_ds, list(range(start, min(start + batch_size, len(train_ds)))),
+                                   pad_token_id).to(device)
+            out.append({"input_ids": b.input_ids, "attention_mask": b.attention_mask, "labels": b.labels})
+        return out
+
+    return batches
+
+
 def build_optimizer(cfg: DistillConfig, student: nn.Module, features: FeatureDistiller | None, max_steps: int):
-    """AdamW without weight decay on norms and biases (1-d parameters), and the schedule."""
+    """AdamW without weight decay on norms and biases (1-d parameters), and the schedule. Frozen
+    parameters (LoRA's base weights, ``student.freeze``) are left out: no optimizer state, and
+    weight decay never touches them."""
     from transformers import get_scheduler
 
     tc = cfg.train
-    decay = [p for p in student.parameters() if p.ndim >= 2]
-    no_decay = [p for p in student.parameters() if p.ndim < 2]  # norms and biases
+    trained = [p for p in student.parameters() if p.requires_grad]
+    decay = [p for p in trained if p.ndim >= 2]
+    no_decay = [p for p in trained if p.ndim < 2]  # norms and biases
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         + ([{"params": features.parameters(), "weight_decay": tc.weight_decay}]  # feature projectors
