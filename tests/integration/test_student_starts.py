@@ -300,3 +300,46 @@ def test_pruned_student_from_the_cli_has_the_asked_shape_and_loads_plainly(tmp_p
     assert_one_line_error(run_cli("distill", path, "student.from_teacher.every=2", check=False),
                           "exactly one of 'layers'")
     assert not (tmp_path / "bad" / "checkpoints").exists() and not (tmp_path / "bad" / "student").exists()
+
+
+@pytest.mark.slow
+def test_fsdp_with_a_pruned_partly_frozen_student_equals_one_process(tmp_path, teacher_dir, text_jsonl):
+    """Under FSDP the other process builds the pruned shape from the config alone (meta) and gets
+    its shards from the main one; frozen parameters stay frozen in the shards."""
+    cfg = run_config(tmp_path / "two", teacher_dir, text_jsonl, max_steps=3, strategy="fsdp")
+    cfg["student"] = {"from_teacher": {"prune": {"hidden_size": 32, "num_layers": 3, "calibration_batches": 2}},
+                      "freeze": ["embed_tokens", "layers\\.0\\."]}
+    path = _write(tmp_path, cfg)
+    two = run_torchrun_distill(path)
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = run_cli("distill", path, "train.strategy=ddp", "train.grad_accum=2", f"output.dir={tmp_path / 'one'}",
+                  "--no-progress")
+    assert one.returncode == 0
+    a, b = load_file(str(tmp_path / "two" / "student" / "model.safetensors")), \
+        load_file(str(tmp_path / "one" / "student" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], rtol=0, atol=1e-5), k
+    for (s1, l1), (s2, l2) in zip(_losses(tmp_path / "two"), _losses(tmp_path / "one")):
+        assert s1 == s2 and l1 == pytest.approx(l2, rel=1e-5)
+
+
+def test_pruned_from_an_int8_teacher(tmp_path, teacher_dir, text_jsonl):
+    """A quantized teacher (torchao int8 weights) is pruned from its dequantized weights: the student
+    is a plain float model, close to the one pruned from the float teacher (same importance order)."""
+    from transformers import AutoModelForCausalLM
+
+    runs = {}
+    for name, quant in (("float", "none"), ("int8", "int8")):
+        out = tmp_path / name
+        cfg = run_config(out, teacher_dir, text_jsonl, max_steps=1, lr=1e-9)
+        cfg["teacher"]["quantization"] = quant
+        cfg["student"] = {"from_teacher": {"prune": {"intermediate_size": 64, "num_layers": 3,
+                                                     "calibration_batches": 2}}}
+        potstill.distill(cfg, progress=False)
+        runs[name] = AutoModelForCausalLM.from_pretrained(out / "student")
+    a, b = runs["float"].state_dict(), runs["int8"].state_dict()
+    assert a.keys() == b.keys() and all(b[k].dtype == torch.float32 for k in b)
+    up = "model.layers.0.mlp.up_proj.weight"
+    assert a[up].shape == b[up].shape == (64, 48)
+    assert torch.allclose(a[up], b[up], atol=0.02)  # int8 rounding, the same channels kept

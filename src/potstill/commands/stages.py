@@ -29,12 +29,16 @@ def stage_config(cfg: DistillConfig, index: int, previous_student: Path | None) 
 
     raw = cfg.model_dump()
     raw["stages"] = None
-    for key, value in _flatten(cfg.stages[index - 1]).items():
+    stage = _flatten(cfg.stages[index - 1])
+    for key, value in stage.items():
         if key[0] == "stages":
             raise ConfigError(f"stages[{index}]: a stage cannot hold stages")
         _set_dotted(raw, key, value)
     if previous_student is not None:
         raw["student"].update(name_or_path=str(previous_student), config=None, from_teacher=None, tokenizer=None)
+        if not any(key[:2] == ("student", "embeddings_from_teacher") for key in stage):
+            # The previous stage's trained embeddings stay, unless this stage asks for the teacher's again.
+            raw["student"]["embeddings_from_teacher"] = None
     raw["output"]["dir"] = str(Path(cfg.output.dir) / f"stage-{index}")
     raw["train"]["resume"] = "auto"
     try:
