@@ -353,3 +353,15 @@ def test_lora_and_frozen_students_plan_gradients_and_adam_state_for_what_trains(
         lean, whole = estimate(plan, None, st).parts, estimate(full, None, st).parts
         assert lean["gradients"] == 4 * plan.trained and whole["gradients"] == 4 * full.params
         assert lean["optimizer"] < whole["optimizer"]
+
+
+def test_eager_attention_setting_counts_the_score_matrices(tmp_path, teacher_dir, text_jsonl):
+    from potstill.config import as_config
+    from potstill.models.memory import Setting, estimate, run_models
+
+    base = tiny.run_config(tmp_path / "run", teacher_dir, text_jsonl)
+    st = Setting(batch_size=2, seq_len=48, precision="fp32")
+    sdpa = run_models(as_config(base)).student
+    eager = run_models(as_config(base, ["student.attn_implementation=eager"])).student
+    assert eager.attn_implementation == "eager"
+    assert estimate(eager, None, st).parts["activations"] > estimate(sdpa, None, st).parts["activations"]

@@ -678,6 +678,10 @@ def run_models(cfg, cache_k: int | None = None) -> RunModels:
             teacher_config.vocab_size if teacher_config is not None else None), tokenizer=None)
         student = shape_of(build_student_config(model_type, fields), "student")
         source = f"from config ({model_type})"
+    if sc.attn_implementation is not None:  # student.attn_implementation: eager keeps the (heads, T, T) scores
+        student = replace(student, attn_implementation=sc.attn_implementation)
+    if teacher is not None and tc.attn_implementation is not None:
+        teacher = replace(teacher, attn_implementation=tc.attn_implementation)
     if sc.lora is not None or sc.freeze or sc.train_only or sc.spectrum or (
             sc.embeddings_from_teacher is not None and sc.embeddings_from_teacher.freeze):
         student = trained_shape(student, sc, cfg, teacher_config)
