@@ -22,9 +22,11 @@ has it), the same steps, data order and seed; only ``student`` differs.
 
 2. LoRA (``--only lora``): the width-pruned student (pruned once here and saved, as a run
    prunes it) trained whole (``full``) and through LoRA r=16, alpha 32 on every linear layer but
-   the head (``lora16``, lr 1e-3, a usual adapter rate; everything else the same). Reported: peak
-   RSS of the run's process (VmHWM, by ``wait4``), median tokens/s of its steps (metrics.jsonl),
-   test perplexity and KL to the teacher after the same steps.
+   the head (``lora16``, lr 1e-3, a usual adapter rate; everything else the same). Reported: the
+   model state the run holds (weights, gradients, AdamW state: ``model_state_mb``), its peak RSS
+   during training (``peak_mem_mb`` of metrics.jsonl) and over the whole process (VmHWM, by
+   ``wait4``: loading and the final evaluation too), median tokens/s of its steps, test
+   perplexity and KL to the teacher after the same steps.
 
     python bench/students.py                 # both parts, 240 steps (~45 min on 2 idle cores)
     python bench/students.py --only starts --steps 120
@@ -118,7 +120,10 @@ def train(name: str, cfg: dict, out: Path, env: dict) -> dict:
         (run_dir / "bench.json").write_text(json.dumps({"wall_s": wall, "peak_rss_mb": peak, "load_before": before,
                                                         "load_after": load()}))
     summary = json.loads(summary_path.read_text())
+    last = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+            if '"loss"' in line][-1]
     return {**json.loads((run_dir / "bench.json").read_text()), "label": LABELS[name],
+            "train_peak_mb": last.get("peak_mem_mb"), "model_state_mb": last.get("model_state_mb"),
             "tokens_per_s": median_tokens_per_s(run_dir), "params": summary["student_parameters"],
             "trained_params": summary.get("trained_parameters"), "student_dir": str(run_dir / "student")}
 
@@ -151,7 +156,7 @@ def initial_students(out: Path, cfgs: dict[str, dict]) -> dict[str, Path]:
 
 def table(rows: dict[str, dict], names: tuple[str, ...], ref: str) -> str:
     head = ["run", "params", "trained", "test ppl before", "test ppl", "vs " + ref, "test KL", "agreement",
-            "tokens/s", "peak RSS MB"]
+            "tokens/s", "model state MB", "train peak MB", "process peak MB"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     base = rows.get(ref)
     for name in names:
@@ -162,7 +167,8 @@ def table(rows: dict[str, dict], names: tuple[str, ...], ref: str) -> str:
         before = f"{r['test_ppl_before']:.1f}" if r.get("test_ppl_before") else "-"
         trained = f"{r['trained_params'] / 1e6:.2f}M" if r.get("trained_params") else "-"
         lines.append(f"| {r['label']} | {r['params'] / 1e6:.2f}M | {trained} | {before} | {r['test_ppl']:.3f} | {rel} "
-                     f"| {r['test_kl']:.4f} | {r['agreement']:.3f} | {r['tokens_per_s']:.0f} | {r['peak_rss_mb']:.0f} |")
+                     f"| {r['test_kl']:.4f} | {r['agreement']:.3f} | {r['tokens_per_s']:.0f} | {r['model_state_mb']:.0f} "
+                     f"| {r['train_peak_mb']:.0f} | {r['peak_rss_mb']:.0f} |")
     return "\n".join(lines)
 
 
@@ -187,6 +193,15 @@ def main() -> int:
                     "machine": platform.machine(), "results": {}}
     results = record["results"]
     parts = (args.only,) if args.only else ("starts", "lora")
+    if args.only and Path(args.json).is_file():  # keep the other part's figures from an earlier run
+        earlier = json.loads(Path(args.json).read_text())
+        other = LORA_RUNS if args.only == "starts" else STARTS
+        results.update({k: v for k, v in earlier.get("results", {}).items() if k in other})
+        for key in ("starts_table", "lora_table", "lora_ratios", "teacher_test_ppl"):
+            if key in earlier and (key.startswith("lora") == (args.only == "starts") or key == "teacher_test_ppl"):
+                record[key] = earlier[key]
+        record["earlier_part"] = {"command": earlier.get("command"), "load_start": earlier.get("load_start"),
+                                  "load_end": earlier.get("load_end"), "wall_s": earlier.get("wall_s")}
     if "starts" in parts:
         cfgs = {name: run_config(out / name, steps, student_section(name, params, fields, None)) for name in STARTS}
         inits = initial_students(out, cfgs)
@@ -195,6 +210,7 @@ def main() -> int:
         scores = test_scores({**{f"{n} before": p for n, p in inits.items()},
                               **{n: Path(results[n]["student_dir"]) for n in STARTS}}, demo_teacher_path(),
                              progress=False)
+        record["teacher_test_ppl"] = scores["layer_dropped"].get("teacher_ppl")
         for name in STARTS:
             results[name].update(test_ppl=scores[name]["ppl"], test_kl=scores[name]["kl"],
                                  agreement=scores[name]["agreement"], test_ppl_before=scores[f"{name} before"]["ppl"])
@@ -210,11 +226,14 @@ def main() -> int:
             results[name] = train(name, cfg, out, env)
         scores = test_scores({"base": init, **{n: Path(results[n]["student_dir"]) for n in LORA_RUNS}},
                              demo_teacher_path(), progress=False)
+        record["teacher_test_ppl"] = scores["full"].get("teacher_ppl")
         for name in LORA_RUNS:
             results[name].update(test_ppl=scores[name]["ppl"], test_kl=scores[name]["kl"],
                                  agreement=scores[name]["agreement"], test_ppl_before=scores["base"]["ppl"])
         full, lora = results["full"], results["lora16"]
-        record["lora_ratios"] = {"peak_rss": lora["peak_rss_mb"] / full["peak_rss_mb"],
+        record["lora_ratios"] = {"model_state": lora["model_state_mb"] / full["model_state_mb"],
+                                 "train_peak": lora["train_peak_mb"] / full["train_peak_mb"],
+                                 "peak_rss": lora["peak_rss_mb"] / full["peak_rss_mb"],
                                  "tokens_per_s": lora["tokens_per_s"] / full["tokens_per_s"],
                                  "test_ppl": lora["test_ppl"] / full["test_ppl"]}
         record["lora_table"] = table(results, LORA_RUNS, "full")
