@@ -107,16 +107,14 @@ def make_trainable(model: nn.Module, cfg: StudentConfig) -> nn.Module:
         from .lora import add_lora
 
         model = add_lora(model, cfg.lora)
-    freeze = list(cfg.freeze)
     if cfg.embeddings_from_teacher is not None and cfg.embeddings_from_teacher.freeze:
-        for name in ("get_input_embeddings", "get_output_embeddings"):
-            module = getattr(model, name)()
-            if module is not None:
-                module.weight.requires_grad_(False)
-    if freeze or cfg.train_only or cfg.spectrum:
+        for module in (model.get_input_embeddings(), model.get_output_embeddings()):
+            for p in module.parameters() if module is not None else ():
+                p.requires_grad_(False)  # the weight, and a head's bias (copied from the teacher's too)
+    if cfg.freeze or cfg.train_only or cfg.spectrum:
         from .freezing import apply_freezing
 
-        log.info("student: %s", apply_freezing(model, freeze=freeze, train_only=cfg.train_only,
+        log.info("student: %s", apply_freezing(model, freeze=cfg.freeze, train_only=cfg.train_only,
                                                spectrum=cfg.spectrum).describe())
     return model
 
