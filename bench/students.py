@@ -52,6 +52,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 from gold import load, run_child  # noqa: E402
 from offline import median_tokens_per_s  # noqa: E402
 
+from potstill.training.metrics import read_metrics  # noqa: E402
+
 STARTS = ("random", "layer_dropped", "depth_pruned", "width_pruned")
 LORA_RUNS = ("full", "lora16")
 LABELS = {"random": "random init + KD", "layer_dropped": "layer-dropped (every 2nd block) + KD",
@@ -120,8 +122,7 @@ def train(name: str, cfg: dict, out: Path, env: dict) -> dict:
         (run_dir / "bench.json").write_text(json.dumps({"wall_s": wall, "peak_rss_mb": peak, "load_before": before,
                                                         "load_after": load()}))
     summary = json.loads(summary_path.read_text())
-    last = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
-            if '"loss"' in line][-1]
+    last = [r for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r][-1]
     return {**json.loads((run_dir / "bench.json").read_text()), "label": LABELS[name],
             "train_peak_mb": last.get("peak_mem_mb"), "model_state_mb": last.get("model_state_mb"),
             "tokens_per_s": median_tokens_per_s(run_dir), "params": summary["student_parameters"],

@@ -88,7 +88,7 @@ class TeacherConfig(_Section):
     server: ServerConfig | None = Field(
         None, description="a teacher served by vLLM: no teacher is loaded (name_or_path, if given, names its tokenizer)")
     attn_implementation: AttnImplementation | None = Field(
-        None, description="sdpa | eager | flash_attention_2 | ...: passed to from_pretrained; default: transformers'")
+        None, description="sdpa | eager | flash_attention_2 | ...: set on the loaded teacher; default: transformers'")
 
     @model_validator(mode="after")
     def _one_source(self) -> "TeacherConfig":
@@ -98,6 +98,11 @@ class TeacherConfig(_Section):
             raise ValueError("teacher.quantization applies to a teacher loaded in this process, not to teacher.server "
                              "(quantize it in the server: vLLM --quantization)")
         return self
+
+
+# The fields of PruneConfig that name a target (the rest say how to measure and round).
+PRUNE_TARGETS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "num_layers",
+                 "params")
 
 
 class PruneConfig(_Section):
@@ -119,9 +124,8 @@ class PruneConfig(_Section):
 
     @model_validator(mode="after")
     def _some_target(self) -> "PruneConfig":
-        shape = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "num_layers")
-        if self.params is None and all(getattr(self, k) is None for k in shape):
-            raise ValueError("give a target: params, or one or more of " + ", ".join(shape))
+        if all(getattr(self, k) is None for k in PRUNE_TARGETS):
+            raise ValueError("give a target: params, or one or more of " + ", ".join(PRUNE_TARGETS[:-1]))
         return self
 
 
@@ -182,7 +186,7 @@ class StudentConfig(_Section):
     embeddings_from_teacher: EmbeddingsFromTeacher | None = Field(
         None, description="initialize the input embeddings and output head from the teacher's")
     attn_implementation: AttnImplementation | None = Field(
-        None, description="sdpa | eager | flash_attention_2 | ...: passed to from_pretrained / from_config")
+        None, description="sdpa | eager | flash_attention_2 | ...: set on the student however it was made")
 
     @model_validator(mode="after")
     def _one_source(self) -> "StudentConfig":

@@ -34,6 +34,7 @@ from typing import Any
 
 from ..atomic import atomic_write_bytes, atomic_write_text
 from ..data.sources import BUILTIN_SOURCES
+from ..config import PRUNE_TARGETS
 from ..errors import ConfigError
 from .report import (
     METRICS_HEADER,
@@ -97,9 +98,7 @@ def weights_origin(cfg: dict[str, Any], roots: tuple[Path, ...] = ()) -> tuple[s
     as in :func:`hub_id`."""
     student, teacher = cfg.get("student") or {}, (cfg.get("teacher") or {}).get("name_or_path")
     if student.get("from_teacher") and student["from_teacher"].get("prune"):
-        target = {k: v for k, v in student["from_teacher"]["prune"].items()
-                  if k in ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
-                           "num_layers", "params") and v is not None}
+        target = {k: v for k, v in student["from_teacher"]["prune"].items() if k in PRUNE_TARGETS and v is not None}
         base = hub_id(teacher, roots)
         return base, "finetune" if base else None, (
             "pruned from the teacher (Minitron-style: the heads, channels and blocks that mattered least on "

@@ -127,9 +127,17 @@ def quantize_int4_(model: nn.Module, keep: Callable[[nn.Module, str], bool], gro
     return len(targets)
 
 
+def plain_tensor(value: torch.Tensor) -> torch.Tensor:
+    """``value`` as a plain tensor: a quantized tensor subclass (torchao's int8 / int4 weights) dequantized."""
+    if type(value) not in (torch.Tensor, nn.Parameter) and hasattr(value, "dequantize"):
+        return value.dequantize()
+    return value
+
+
 def dequantized_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """``model.state_dict()`` with each :class:`Int4Linear`'s ``qweight`` / ``scale`` / ``zero`` replaced by its
-    dequantized float32 ``weight``: the keys of the unquantized model (for a student copied from the teacher)."""
+    dequantized float32 ``weight``: the keys of the unquantized model (for a student copied or pruned from the
+    teacher). torchao's quantized tensors stay as they are: :func:`plain_tensor` dequantizes those a caller uses."""
     state = model.state_dict()
     for name, m in model.named_modules():
         if isinstance(m, Int4Linear):

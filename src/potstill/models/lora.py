@@ -62,7 +62,8 @@ def add_lora(model: nn.Module, cfg: LoraConfig) -> nn.Module:
                          f"name linear layers of the student, e.g. {', '.join(linear_names(model)[:6])}")
     for p in adapters:
         p.requires_grad_(True)
-    for layer in lora_layers(model).values():
+    layers = lora_layers(model)
+    for layer in layers.values():
         # PEFT casts each adapter's input to the adapter's float32 weights; under bf16 autocast that
         # keeps a float32 copy of every adapted layer's input for backward (+5% peak memory on the
         # bench's student). Autocast casts the weights instead, as for the base layer.
@@ -70,7 +71,7 @@ def add_lora(model: nn.Module, cfg: LoraConfig) -> nn.Module:
     trained = sum(p.numel() for p in adapters)
     total = sum(p.numel() for p in model.parameters())
     log.info("student.lora: r=%d, alpha=%g on %d layers; training %.3fM of %.2fM parameters (%.2f%%)",
-             cfg.r, cfg.alpha, len(lora_layers(model)), trained / 1e6, total / 1e6, 100 * trained / max(total, 1))
+             cfg.r, cfg.alpha, len(layers), trained / 1e6, total / 1e6, 100 * trained / max(total, 1))
     return model
 
 

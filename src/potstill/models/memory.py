@@ -629,7 +629,7 @@ def run_models(cfg, cache_k: int | None = None) -> RunModels:
     the ``student.from_teacher`` layers. The teacher: its config when the run loads it (also
     when only evaluation uses it); a cache's k (``cache_k``, from its manifest); a server's top_k."""
     from ..errors import ConfigError, ModelError
-    from .students import build_student_config, complete_student_fields, select_layers
+    from .students import build_student_config, complete_student_fields, cut_config, select_layers
 
     tc, sc = cfg.teacher, cfg.student
     for role, ref in (("teacher", tc.name_or_path), ("student", sc.name_or_path)):
@@ -647,9 +647,11 @@ def run_models(cfg, cache_k: int | None = None) -> RunModels:
     elif tc.server is not None:
         top_k, kind = tc.server.top_k, "served"
 
+    layers = None  # a cut from the teacher: the kept layers (its config is built only if needed)
     if sc.name_or_path is not None:
-        student = shape_of(read_model_config(sc.name_or_path, role="student", revision=sc.revision,
-                                             trust_remote_code=sc.trust_remote_code), "student")
+        student_config = read_model_config(sc.name_or_path, role="student", revision=sc.revision,
+                                           trust_remote_code=sc.trust_remote_code)
+        student = shape_of(student_config, "student")
         source = str(sc.name_or_path)
     elif sc.from_teacher is not None and sc.from_teacher.prune is not None:
         if teacher is None:
@@ -657,7 +659,8 @@ def run_models(cfg, cache_k: int | None = None) -> RunModels:
                               "folder or hub id (a cache or server holds no weights to prune)")
         from .pruning import pruned_config
 
-        student = shape_of(pruned_config(teacher_config, sc.from_teacher.prune), "student")
+        student_config = pruned_config(teacher_config, sc.from_teacher.prune)
+        student = shape_of(student_config, "student")
         source = f"pruned from teacher, {student.params / 1e6:.1f}M of {teacher.params / 1e6:.1f}M parameters"
     elif sc.from_teacher is not None:
         if teacher is None:
@@ -676,7 +679,8 @@ def run_models(cfg, cache_k: int | None = None) -> RunModels:
         # default (not from student.tokenizer).
         fields = complete_student_fields(fields, model_type, vocab_size=(
             teacher_config.vocab_size if teacher_config is not None else None), tokenizer=None)
-        student = shape_of(build_student_config(model_type, fields), "student")
+        student_config = build_student_config(model_type, fields)
+        student = shape_of(student_config, "student")
         source = f"from config ({model_type})"
     if sc.attn_implementation is not None:  # student.attn_implementation: eager keeps the (heads, T, T) scores
         student = replace(student, attn_implementation=sc.attn_implementation)
@@ -684,50 +688,27 @@ def run_models(cfg, cache_k: int | None = None) -> RunModels:
         teacher = replace(teacher, attn_implementation=tc.attn_implementation)
     if sc.lora is not None or sc.freeze or sc.train_only or sc.spectrum or (
             sc.embeddings_from_teacher is not None and sc.embeddings_from_teacher.freeze):
-        student = trained_shape(student, sc, cfg, teacher_config)
+        if layers is not None:
+            student_config = cut_config(teacher_config, layers)
+        student = trained_shape(student, student_config, sc)
         source += f"; training {student.trained / 1e6:.2f}M of {student.params / 1e6:.2f}M parameters"
     return RunModels(student=student, teacher=teacher, teacher_kind=kind, student_source=source, top_k=top_k)
 
 
-def trained_shape(student: ModelShape, sc, cfg, teacher_config) -> ModelShape:
-    """``student`` with its trained parameter count: the student built on the meta device (no
-    weights) with its LoRA adapters and frozen parts applied as a run applies them. A LoRA
-    student's parameters include its adapters."""
-    import copy
-
+def trained_shape(student: ModelShape, config, sc) -> ModelShape:
+    """``student`` with its trained parameter count: the student of ``config`` built on the meta
+    device (no weights) with its LoRA adapters and frozen parts applied as a run applies them
+    (``sc``: the student section). A LoRA student's parameters include its adapters."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    from .students import build_student_config, complete_student_fields, make_trainable
+    from .students import make_trainable
 
-    if sc.name_or_path is not None:
-        config = read_model_config(sc.name_or_path, role="student", revision=sc.revision,
-                                   trust_remote_code=sc.trust_remote_code)
-    elif sc.from_teacher is not None and sc.from_teacher.prune is not None:
-        from .pruning import pruned_config
-
-        config = pruned_config(teacher_config, sc.from_teacher.prune)
-    elif sc.from_teacher is not None:
-        config = copy.deepcopy(teacher_config)
-        config.num_hidden_layers = len(select_layers_of(teacher_config, sc.from_teacher))
-        if isinstance(getattr(config, "layer_types", None), list):
-            config.layer_types = config.layer_types[:config.num_hidden_layers]
-    else:
-        fields = dict(sc.config or {})
-        model_type = fields.pop("model_type", None) or teacher_config.model_type
-        config = build_student_config(model_type, complete_student_fields(fields, model_type, vocab_size=(
-            teacher_config.vocab_size if teacher_config is not None else None), tokenizer=None))
     with torch.device("meta"):
         model = make_trainable(AutoModelForCausalLM.from_config(config), sc)
     params = sum(p.numel() for p in model.parameters())
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return replace(student, params=params, trained_params=trained)
-
-
-def select_layers_of(teacher_config, rule) -> list[int]:
-    from .students import select_layers
-
-    return select_layers(int(teacher_config.num_hidden_layers), rule.layers, rule.every)
 
 
 def resolve_target_precision(precision: str, device_type: str) -> str:

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from ..config import PruneConfig
 from ..errors import ModelError
-from .int4 import dequantized_state_dict
+from .int4 import dequantized_state_dict, plain_tensor
 
 log = logging.getLogger("potstill")
 
@@ -416,9 +416,7 @@ def _pruned_state(teacher: nn.Module, student_keys: Iterable[str], layers: list[
         if dims is None:
             raise ModelError(f"{KEY} does not know how to prune the teacher's {key}: an unsupported variant "
                              "of this family; use student.from_teacher.layers")
-        value = teacher_state[source]
-        if type(value) not in (torch.Tensor, nn.Parameter) and hasattr(value, "dequantize"):
-            value = value.dequantize()  # a quantized teacher (torchao) gives the student its dequantized weights
+        value = plain_tensor(teacher_state[source])  # a torchao teacher's weights, dequantized one at a time
         state[key] = _slice(value.detach(), dims, index).float().cpu().clone()
     return state
 

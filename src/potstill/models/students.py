@@ -21,7 +21,7 @@ from torch import nn
 from ..config import StudentConfig
 from ..errors import ModelError, one_line
 from .bitnet import apply_student_config
-from .int4 import dequantized_state_dict
+from .int4 import dequantized_state_dict, plain_tensor
 from .layers import decoder_layers, num_layers
 from .loading import load_causal_lm, load_tokenizer, set_attention
 
@@ -169,10 +169,7 @@ def student_from_teacher(teacher: nn.Module, layers: list[int], *, meta: bool = 
     (``layer_types`` for sliding-window models) are cut to match. ``meta``: the structure only,
     on the meta device (no weights copied).
     """
-    config = copy.deepcopy(teacher.config)
-    config.num_hidden_layers = len(layers)
-    if isinstance(getattr(config, "layer_types", None), list):
-        config.layer_types = [config.layer_types[i] for i in layers]
+    config = cut_config(teacher.config, layers)
     if meta:
         with torch.device("meta"):
             return type(teacher)(config)
@@ -186,13 +183,21 @@ def student_from_teacher(teacher: nn.Module, layers: list[int], *, meta: bool = 
             src = f"{prefix}.{layers[int(idx)]}.{rest}"
         else:
             src = key
-        value = teacher_state[src]
-        if type(value) not in (torch.Tensor, nn.Parameter) and hasattr(value, "dequantize"):
-            value = value.dequantize()  # a quantized teacher (torchao) gives the student its dequantized weights
+        value = plain_tensor(teacher_state[src])  # a torchao teacher's weights, dequantized one at a time
         new_state[key] = value.detach().clone().float()
     student.load_state_dict(new_state)
     log.info("student from teacher: kept layers %s of %d", layers, num_layers(teacher))
     return student
+
+
+def cut_config(teacher_config, layers: list[int]):
+    """A copy of the teacher's config with only ``layers`` (teacher indices, in order): the layer
+    count and the per-layer ``layer_types`` list (sliding-window models) follow them."""
+    config = copy.deepcopy(teacher_config)
+    config.num_hidden_layers = len(layers)
+    if isinstance(getattr(config, "layer_types", None), list):
+        config.layer_types = [config.layer_types[i] for i in layers]
+    return config
 
 
 def student_from_config(fields: dict[str, Any], *, teacher: nn.Module | None, tokenizer,

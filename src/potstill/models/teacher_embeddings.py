@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from ..errors import ModelError
-from .int4 import Int4Linear
+from .int4 import Int4Linear, plain_tensor
 
 SETTING = "student.embeddings_from_teacher"
 ROWS_PER_CHUNK = 8192  # bounds the float64 temporaries of `project` to ROWS_PER_CHUNK x H_t
@@ -77,10 +77,7 @@ def dense_weight(module: nn.Module) -> torch.Tensor:
     layer is quantized (potstill's CPU :class:`Int4Linear`, or a torchao tensor subclass)."""
     if isinstance(module, Int4Linear):
         return module.dequantize(torch.float32)
-    weight = module.weight.detach()
-    if type(weight) is not torch.Tensor and hasattr(weight, "dequantize"):
-        weight = weight.dequantize()
-    return weight
+    return plain_tensor(module.weight.detach())
 
 
 def pca_basis(embeddings: torch.Tensor, k: int) -> tuple[torch.Tensor, float]:
