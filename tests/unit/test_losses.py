@@ -24,7 +24,8 @@ from potstill.losses import (
     total_variation,
 )
 
-NAMES = ["fkl", "rkl", "jsd", "tvd", "skew_fkl", "skew_rkl", "mse"]
+NAMES = ["fkl", "rkl", "jsd", "tvd", "skew_fkl", "skew_rkl", "mse", "soft_ce", "soft_mse", "cos", "logsum", "cakld",
+         "akl", "hinge", "logistic_ranking", "sinkhorn"]  # the last nine: tests/unit/test_divergences_more.py
 # (name, specific kwargs) pairs covering endpoints and interior of beta/alpha.
 CASES = [
     ("fkl", {}), ("rkl", {}), ("tvd", {}), ("mse", {}),

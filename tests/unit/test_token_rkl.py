@@ -432,18 +432,19 @@ def test_other_divergences_ignore_targets():
     for name in _NAMES:
         if name == "token_rkl":
             continue
-        a = logit_divergence(name, s, t, mask, temperature=1.3)[0]
-        b = logit_divergence(name, s, t, mask, temperature=1.3, targets=labels)[0]
+        params = {"cakld_confidence": 0.3} if name == "cakld" else None  # cakld's confidence is required
+        a = logit_divergence(name, s, t, mask, temperature=1.3, params=params)[0]
+        b = logit_divergence(name, s, t, mask, temperature=1.3, targets=labels, params=params)[0]
         assert torch.equal(a, b), name
-        c = per_token_divergence(name, s[mask], t[mask], temperature=1.3, targets=labels[mask])
+        c = per_token_divergence(name, s[mask], t[mask], temperature=1.3, targets=labels[mask], params=params)
         torch.testing.assert_close(c.sum(), a)
 
 
 def test_no_sparse_version():
     assert "token_rkl" in _NAMES and "token_rkl" not in SPARSE_DIVERGENCES
-    for kind, missing_mass, what in (("topk", "rest", "no sparse version for a top-k teacher"),
+    for kind, missing_mass, what in (("topk", "rest", "a top-k teacher holds k log-probs"),
                                      ("topk", "renormalize", "renormalized top-k"),
-                                     ("sampled", "rest", "sampled tokens")):
+                                     ("sampled", "rest", "sampled teacher tokens")):
         lc = LogitLossConfig(divergence="token_rkl", missing_mass=missing_mass)
         with pytest.raises(ConfigError, match=what) as err:
             check_sparse_loss(lc, kind=kind, where="cache.dir")
@@ -453,5 +454,5 @@ def test_no_sparse_version():
     check_sparse_loss(LogitLossConfig(divergence="token_rkl", weight=0.0), kind="topk", where="x")
     s = torch.randn(4, 9)
     ids = torch.topk(torch.randn(4, 9), 3).indices
-    with pytest.raises(ValueError, match="not 'token_rkl'"):
+    with pytest.raises(ValueError, match="token_rkl needs the teacher's log-prob at the label token"):
         topk_divergence("token_rkl", s, ids, torch.log_softmax(torch.randn(4, 3), -1), torch.zeros(4))

@@ -49,7 +49,10 @@ from typing import Dict, Tuple
 import torch
 
 from .logits import LossOut, _check_temperature, _check_unit, _tempered
-from .sparse import SPARSE_DIVERGENCES, topk_divergence
+from .sparse import topk_divergence
+
+# The divergences defined on the mapped top-k outcomes (the others need parameters or full rows).
+ALIGNED_DIVERGENCES = ("fkl", "rkl", "jsd")
 
 ALIGNED_MODES = ("hybrid", "exact", "uld")
 UNMAPPED = -1
@@ -80,8 +83,8 @@ def _check_teacher(student_logits: torch.Tensor, teacher_logp: torch.Tensor,
 def _check_arguments(name: str, what: str, student_logits: torch.Tensor, teacher_logp: torch.Tensor,
                      teacher_rest_logp: torch.Tensor, *, temperature: float, beta: float) -> None:
     """The divergence name (for ``what``), temperature, beta and the shapes of both sides."""
-    if name not in SPARSE_DIVERGENCES:
-        raise ValueError(f"{what} support {', '.join(SPARSE_DIVERGENCES)}, not {name!r}")
+    if name not in ALIGNED_DIVERGENCES:
+        raise ValueError(f"{what} support {', '.join(ALIGNED_DIVERGENCES)}, not {name!r}")
     _check_temperature(temperature)
     _check_unit("beta", beta)
     _check_student(student_logits)

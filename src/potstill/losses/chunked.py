@@ -18,7 +18,9 @@ logits for either model:
   (``softmax - target distribution``, evaluated in place); every other divergence runs
   the same ``per_token_divergence`` / ``cross_entropy`` as the plain path under
   ``torch.autograd.grad`` on the block, with the block's label ids (``token_rkl`` reads the
-  label's log-probs, so a label must lie in the shared vocab);
+  label's log-probs, so a label must lie in the shared vocab). ``sinkhorn`` couples the rows of a
+  group of ``sinkhorn_rows`` valid rows: chunks and blocks are rounded to whole groups
+  (:func:`group_aligned_rows`) so the path groups the rows the plain path groups;
 * then ``grad_hidden[rows] = g @ W`` and ``grad_W += g.T @ h`` (float32 accumulator),
   and the chunk's buffers are reused by the next chunk;
 * ``backward`` only scales the stored gradients by ``grad_output``.
@@ -35,12 +37,13 @@ import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Dict, Optional
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 import torch
 
 from potstill.losses.logits import (
     _check_name,
+    check_divergence_params,
     _check_temperature,
     _check_unit,
     cross_entropy,
@@ -120,6 +123,9 @@ class _Spec:
     chunk_size: Optional[int]
     memory_budget_mb: float
     compute_dtype: Optional[torch.dtype]  # autocast dtype, or None for the inputs' dtype
+    # The divergence's own parameters as sorted (key, value) items (hashable), as given: the
+    # defaults are filled in by per_token_divergence.
+    params: Tuple[Tuple[str, Any], ...] = ()
 
     @property
     def closed_form(self) -> bool:
@@ -258,7 +264,7 @@ def _autograd_block(z, t, tgt, spec: _Spec):
         # targets: token_rkl reads the label's log-probs (the other divergences ignore them).
         kd_sum = per_token_divergence(spec.divergence, z[:, :spec.shared_vocab], t,
                                       temperature=spec.temperature, beta=spec.beta, alpha=spec.alpha,
-                                      targets=tgt).sum()
+                                      targets=tgt, params=dict(spec.params) or None).sum()
         loss = spec.kd_weight * kd_sum
     if spec.ce_weight > 0:
         ce_sum, _ = cross_entropy(z, tgt, ignore_index=IGNORE_INDEX)
@@ -302,6 +308,24 @@ def _chunk_logit_grads(raw, traw, tgt, spec: _Spec, closed: bool, block_rows: in
     kd = [p[1] for p in parts if p[1] is not None]
     ce = [p[2] for p in parts if p[2] is not None]
     return parts[0][0], (sum(kd) if kd else None), (sum(ce) if ce else None)
+
+
+def group_aligned_rows(spec: _Spec, chunk: int, block_rows: int) -> Tuple[int, int]:
+    """``(chunk, block_rows)`` with whole ``sinkhorn`` groups in every chunk and row block.
+
+    sinkhorn's per-token value depends on the other rows of its group of ``sinkhorn_rows``
+    consecutive valid rows, so a chunk or block boundary inside a group would change the loss:
+    both are rounded to multiples of the group size (the chunk up, the block down, at least one
+    group), so the chunked path groups exactly the rows the plain path groups. Memory: a chunk
+    can then exceed the budget by up to a group of rows, and a block is at least one group, whose
+    autograd keeps a few float32 (g, V) tensors (g = 64, V = 128k: ~32 MB each), more than the
+    ~1 MB cache-sized blocks of the other divergences; no g x g x V tensor (see losses/sinkhorn.py).
+    Other divergences: unchanged."""
+    if spec.divergence != "sinkhorn" or spec.kd_weight == 0:
+        return chunk, block_rows
+    g = check_divergence_params("sinkhorn", dict(spec.params))["sinkhorn_rows"]
+    chunk = -(-chunk // g) * g
+    return chunk, min(chunk, max(g, block_rows // g * g))
 
 
 def _head_block(vz: int, hs: int, device) -> int:
@@ -365,6 +389,7 @@ class _ChunkedDistill(torch.autograd.Function):
             block_rows = max(1, min(chunk, BLOCK_ELEMENTS[key] // width))
         else:
             block_rows = chunk
+        chunk, block_rows = group_aligned_rows(spec, chunk, block_rows)
 
         raw_buf = torch.empty(min(chunk, n) * vz, dtype=cdt, device=device)
         traw_buf = torch.empty(min(chunk, n) * v, dtype=tW.dtype, device=device) if use_kd else None
@@ -496,6 +521,7 @@ def chunked_distill_loss(
     teacher_softcap: Optional[float] = None,
     chunk_size: Optional[int] = None,
     memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB,
+    params: Optional[Mapping[str, Any]] = None,
 ) -> ChunkedLossOutput:
     """Distillation loss from hidden states and output heads, walked in chunks of tokens.
 
@@ -508,9 +534,11 @@ def chunked_distill_loss(
     and ``t`` likewise, ``weighted_sum = kd_weight * logit_divergence(divergence, s[:, :V],
     t[:, :V], targets != -100, targets=targets)[0] + ce_weight * cross_entropy(s, targets)[0]``, with
     ``V = shared_vocab or min(Vs, Vt)``. ``kd_weight`` already includes any T^2 factor.
-    ``chunk_size`` rows per chunk, else chosen from ``memory_budget_mb``.
+    ``chunk_size`` rows per chunk, else chosen from ``memory_budget_mb`` (for ``sinkhorn``
+    rounded up to whole groups of ``sinkhorn_rows``). ``params``: the divergence's own
+    parameters, as for ``logit_divergence``.
     """
-    check_loss_options(divergence, temperature, beta, alpha, kd_weight, ce_weight)
+    check_loss_options(divergence, temperature, beta, alpha, kd_weight, ce_weight, params)
     use_kd, use_ce = kd_weight > 0, ce_weight > 0
     _check_inputs(student_hidden, student_head, targets, teacher_hidden, teacher_head,
                   student_bias, teacher_bias, use_kd)
@@ -529,7 +557,7 @@ def chunked_distill_loss(
                      if torch.is_autocast_enabled(device_type) else None)
     spec = _Spec(divergence, float(temperature), float(beta), float(alpha), float(kd_weight),
                  float(ce_weight), v, student_softcap, teacher_softcap, chunk_size,
-                 float(memory_budget_mb), compute_dtype)
+                 float(memory_budget_mb), compute_dtype, spec_params(params))
     with torch.autocast(device_type, enabled=False):
         total, kd_sum, ce_sum = _ChunkedDistill.apply(
             student_hidden, student_head, student_bias,
@@ -541,14 +569,21 @@ def chunked_distill_loss(
 
 
 def check_loss_options(divergence: str, temperature: float, beta: float, alpha: float,
-                       kd_weight: float, ce_weight: float) -> None:
+                       kd_weight: float, ce_weight: float,
+                       params: Optional[Mapping[str, Any]] = None) -> None:
     """The option checks shared by the chunked and the fused-logits paths."""
     _check_name(divergence)
     _check_temperature(temperature)
     _check_unit("beta", beta)
     _check_unit("alpha", alpha)
+    check_divergence_params(divergence, params)
     if kd_weight < 0 or ce_weight < 0:
         raise ValueError(f"kd_weight and ce_weight must be >= 0, got {kd_weight!r}, {ce_weight!r}")
+
+
+def spec_params(params: Optional[Mapping[str, Any]]) -> Tuple[Tuple[str, Any], ...]:
+    """``params`` as the sorted, hashable items ``_Spec.params`` holds."""
+    return tuple(sorted(dict(params or {}).items()))
 
 
 def loss_output(total: torch.Tensor, kd_sum: Optional[torch.Tensor], ce_sum: Optional[torch.Tensor],

@@ -14,7 +14,7 @@ logits (tests), like the chunked path.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Mapping, Optional
 
 import torch
 
@@ -30,6 +30,8 @@ from potstill.losses.chunked import (
     _view,
     _workers,
     choose_chunk_size,
+    group_aligned_rows,
+    spec_params,
 )
 
 
@@ -52,6 +54,7 @@ class _FusedLogits(torch.autograd.Function):
         width = max(vz, v)
         block_rows = max(1, min(chunk, BLOCK_ELEMENTS["closed_form" if closed else "autograd"] // width)) \
             if device.type == "cpu" else chunk
+        chunk, block_rows = group_aligned_rows(spec, chunk, block_rows)  # whole sinkhorn groups
         workers = _workers(device)
         scratch = [[torch.empty(block_rows * width, dtype=torch.float32, device=device)
                     for _ in range(3 if use_kd else 1)] if closed else None
@@ -106,6 +109,7 @@ def fused_logit_loss(
     shared_vocab: Optional[int] = None,
     chunk_size: Optional[int] = None,
     memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB,
+    params: Optional[Mapping[str, Any]] = None,
 ) -> ChunkedLossOutput:
     """Distillation loss from full logits: ``student_logits`` (N, Vs), ``teacher_logits``
     (N, Vt) (needed when ``kd_weight > 0``), ``targets`` (N,) int64 (-100 = ignored).
@@ -114,8 +118,9 @@ def fused_logit_loss(
     targets=targets)[0] + ce_weight * cross_entropy(s, targets)[0]`` with ``V = shared_vocab or
     min(Vs, Vt)``, its gradient computed during the forward (call backward once). The valid rows'
     ``targets`` reach every row block (``token_rkl`` reads the label's log-probs there).
+    ``params``: the divergence's own parameters (``sinkhorn``: chunks and blocks hold whole groups).
     """
-    check_loss_options(divergence, temperature, beta, alpha, kd_weight, ce_weight)
+    check_loss_options(divergence, temperature, beta, alpha, kd_weight, ce_weight, params)
     use_kd = kd_weight > 0
     if student_logits.dim() != 2 or targets.shape != student_logits.shape[:1]:
         raise ValueError(f"student_logits must be (N, V) and targets (N,), got {tuple(student_logits.shape)} "
@@ -128,7 +133,7 @@ def fused_logit_loss(
     if not 1 <= v <= limit:
         raise ValueError(f"shared_vocab must be in [1, {limit}] (the smaller vocabulary), got {shared_vocab!r}")
     spec = _Spec(divergence, float(temperature), float(beta), float(alpha), float(kd_weight), float(ce_weight),
-                 v, None, None, chunk_size, float(memory_budget_mb), None)
+                 v, None, None, chunk_size, float(memory_budget_mb), None, spec_params(params))
     total, kd_sum, ce_sum = _FusedLogits.apply(
         student_logits, teacher_logits.detach() if use_kd else None, targets, spec)
     return loss_output(total, kd_sum if use_kd else None, ce_sum if ce_weight > 0 else None, targets)

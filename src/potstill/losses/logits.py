@@ -59,17 +59,63 @@ Conventions (p_t = teacher probs, p_s = student probs, both after temperature):
   token's value may be negative. Not in ``DIVERGENCES`` (whose functions take no labels):
   call it through ``logit_divergence`` / ``per_token_divergence``. No sparse (top-k teacher)
   version: a top-k teacher need not hold the label's log-prob.
+
+More divergences, their parameters passed as one mapping ``params=`` (keys as in the config,
+checked by :func:`check_divergence_params`; z = logits / T):
+
+* ``soft_ce``: -sum_v p_t log p_s = fkl + H(p_t) (same gradient as fkl; not 0 at p_s == p_t).
+  Distily's ``ce`` passes the *probabilities* as logits to ``F.cross_entropy`` (a softmax of
+  probabilities); this is the textbook soft cross-entropy.
+* ``soft_mse``: sum_v (p_s - p_t)^2, in [0, 2]. Distily's ``soft_mse`` is this divided by V
+  (a mean over the vocab).
+* ``cos``: 1 - cos(z_s, z_t) on the logit vectors; temperature does not change it (scale
+  invariant).
+* ``logsum`` (Miles & Mikolajczyk, arXiv 2303.11098, the LogSum loss; Distily ``logsum``):
+  log(eps + sum_v |z_s - z_t|^a) - log eps, a = ``logsum_power`` (4.0), eps = 1e-6 fixed: the
+  paper's log sum |d|^a up to a constant, 0 and finite at equal inputs. Computed as a logsumexp
+  of a log|d| (and log eps), with d = 0 entries as exact -inf through ``torch.where``, so the
+  gradient is finite (0 at d = 0) for any a > 0, a < 1 included.
+* ``cakld`` (BitDistiller, arXiv 2402.10631): g * KL(p_s||p_t) + (1 - g) * KL(p_t||p_s),
+  g = ``cakld_confidence`` (required, in [0, 1]; 0 is exactly fkl and 1 exactly rkl).
+* ``akl`` (Adaptive KL, Wu et al., arXiv 2404.02657): sort p_t descending; the head is the
+  smallest prefix whose teacher mass reaches ``akl_head_mass`` (0.5; at least the top token,
+  ties by sort order); g_head / g_tail = sum |p_t - p_s| over head / tail (detached, as the
+  authors' code); akl = g_head/(g_head+g_tail) * fkl + g_tail/(g_head+g_tail) * rkl (0.5/0.5
+  when both are 0). The authors' code puts in the head the tokens whose *inclusive* cumulative
+  mass is <= mu (so the token that crosses mu is tail); here it is head. At head mass 1 every
+  token of nonzero teacher mass is head: akl == fkl. O(V log V) per row (the sort).
+* ``hinge`` / ``logistic_ranking`` (DistillKit v1's ranking losses, there for a sparse top-k
+  teacher only): on the teacher's top ``rank_k`` (16) ids, the ordered pairs (i, j) with
+  p_t(i) > p_t(j): hinge = relu(m_ij - (p_s(i) - p_s(j))), m_ij = ``hinge_margin`` or, when
+  None, p_t(i) - p_t(j); logistic = softplus(-(z_s(i) - z_s(j))). Per token the mean over its
+  pairs (0 if none); DistillKit averages over all pairs of the batch instead. K x K per row.
+* ``sinkhorn`` (SinKD, Cui et al. 2024; Distily ``sinkhorn``): a batch-wise entropic transport
+  cost between the student's and the teacher's rows, in consecutive groups of
+  ``sinkhorn_rows`` rows: see :mod:`potstill.losses.sinkhorn` (``sinkhorn_epsilon`` 0.1,
+  ``sinkhorn_iterations`` 20, ``sinkhorn_rows`` 64). The only divergence whose per-token value
+  depends on other rows: every path groups the same valid rows.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
+
+from potstill.losses.sinkhorn import sinkhorn_per_row
 
 LossOut = Tuple[torch.Tensor, torch.Tensor]
-_NAMES = ("fkl", "rkl", "jsd", "tvd", "skew_fkl", "skew_rkl", "mse", "token_rkl")
+_NAMES = ("fkl", "rkl", "jsd", "tvd", "skew_fkl", "skew_rkl", "mse", "token_rkl",
+          "soft_ce", "soft_mse", "cos", "logsum", "cakld", "akl", "hinge", "logistic_ranking", "sinkhorn")
+# The divergences' own parameters (config names) and their defaults; None for cakld_confidence
+# means "required".
+PARAM_DEFAULTS: Dict[str, Any] = {
+    "cakld_confidence": None, "akl_head_mass": 0.5, "rank_k": 16, "hinge_margin": None,
+    "logsum_power": 4.0, "sinkhorn_epsilon": 0.1, "sinkhorn_iterations": 20, "sinkhorn_rows": 64,
+}
+LOGSUM_EPS = 1e-6
 
 
 def _check_temperature(temperature: float) -> None:
@@ -86,6 +132,51 @@ def _check_unit(name: str, value: float) -> None:
 def _check_name(name: str) -> None:
     if name not in _NAMES:
         raise ValueError(f"unknown divergence {name!r}; valid names: {', '.join(_NAMES)}")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_divergence_params(name: str, params: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
+    """Validate the divergence parameters ``params`` for divergence ``name``; -> all of them,
+    defaults filled in. The one check every loss path runs. Unknown keys, bad values, and a
+    missing ``cakld_confidence`` for cakld raise a one-line ValueError."""
+    given = dict(params or {})
+    unknown = sorted(set(given) - set(PARAM_DEFAULTS))
+    if unknown:
+        raise ValueError(f"unknown divergence parameter(s) {', '.join(unknown)}; valid keys: "
+                         f"{', '.join(PARAM_DEFAULTS)}")
+    out = {**PARAM_DEFAULTS, **given}
+
+    def bad(key: str, rule: str) -> ValueError:
+        return ValueError(f"{key} must be {rule}, got {out[key]!r}")
+
+    c = out["cakld_confidence"]
+    if c is not None and not (_is_number(c) and 0.0 <= c <= 1.0):
+        raise bad("cakld_confidence", "a number in [0, 1]")
+    if name == "cakld" and c is None:
+        raise ValueError("divergence 'cakld' needs params['cakld_confidence'] (the teacher's confidence, in [0, 1])")
+    if not (_is_number(out["akl_head_mass"]) and 0.0 < out["akl_head_mass"] <= 1.0):
+        raise bad("akl_head_mass", "a number in (0, 1]")
+    if not (_is_int(out["rank_k"]) and out["rank_k"] >= 2):
+        raise bad("rank_k", "an integer >= 2")
+    m = out["hinge_margin"]
+    if m is not None and not (_is_number(m) and 0.0 <= m < math.inf):
+        raise bad("hinge_margin", "None or a finite number >= 0")
+    if not (_is_number(out["logsum_power"]) and 0.0 < out["logsum_power"] < math.inf):
+        raise bad("logsum_power", "a finite number > 0")
+    if not (_is_number(out["sinkhorn_epsilon"]) and 0.0 < out["sinkhorn_epsilon"] < math.inf):
+        raise bad("sinkhorn_epsilon", "> 0")
+    if not (_is_int(out["sinkhorn_iterations"]) and out["sinkhorn_iterations"] >= 1):
+        raise bad("sinkhorn_iterations", "an integer >= 1")
+    if not (_is_int(out["sinkhorn_rows"]) and out["sinkhorn_rows"] >= 2):
+        raise bad("sinkhorn_rows", "an integer >= 2")
+    return out
 
 
 def _tempered(logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -164,6 +255,85 @@ def _token_rkl(ls: torch.Tensor, lt: torch.Tensor, targets: torch.Tensor) -> tor
     return k + k * (ls_x - ls_x.detach())
 
 
+def _soft_ce(lt: torch.Tensor, ls: torch.Tensor) -> torch.Tensor:
+    """-sum p_t log p_s per row from log-probs (N, V) -> (N,); p_t == 0 entries give 0."""
+    p = lt.exp()
+    return -(p * torch.where(p > 0, ls, torch.zeros_like(ls))).sum(-1)
+
+
+def _cos(zs: torch.Tensor, zt: torch.Tensor) -> torch.Tensor:
+    """1 - cos(zs, zt) per row (N, V) -> (N,) (norms floored at 1e-12)."""
+    tiny = 1e-12
+    return 1.0 - ((zs / zs.norm(dim=-1, keepdim=True).clamp_min(tiny))
+                  * (zt / zt.norm(dim=-1, keepdim=True).clamp_min(tiny))).sum(-1)
+
+
+def _logsum(zs: torch.Tensor, zt: torch.Tensor, power: float) -> torch.Tensor:
+    """log(eps + sum |zs - zt|^a) - log eps per row (N, V) -> (N,), eps = LOGSUM_EPS.
+
+    As logsumexp([a log|d|, log eps]): d == 0 entries are an exact -inf through ``torch.where``
+    (the log reads a safe 1 there), so neither the value nor the gradient (0 there) is NaN."""
+    d = (zs - zt).abs()
+    nonzero = d > 0
+    log_d = torch.where(nonzero, torch.where(nonzero, d, torch.ones_like(d)).log() * power,
+                        torch.full_like(d, -math.inf))
+    log_eps = math.log(LOGSUM_EPS)
+    both = torch.cat([log_d, torch.full_like(d[..., :1], log_eps)], dim=-1)
+    return both.logsumexp(-1) - log_eps
+
+
+def _weighted_kl(lt: torch.Tensor, ls: torch.Tensor, w_rkl) -> torch.Tensor:
+    """w * KL(p_s||p_t) + (1 - w) * KL(p_t||p_s) (N, V) -> (N,); ``w`` a float or (N,) tensor.
+    A float 0 / 1 gives exactly fkl / rkl."""
+    if isinstance(w_rkl, float) and w_rkl == 0.0:
+        return _kl(lt, ls)
+    if isinstance(w_rkl, float) and w_rkl == 1.0:
+        return _kl(ls, lt)
+    return w_rkl * _kl(ls, lt) + (1.0 - w_rkl) * _kl(lt, ls)
+
+
+def _akl(lt: torch.Tensor, ls: torch.Tensor, head_mass: float) -> torch.Tensor:
+    """Adaptive KL per row from log-probs (N, V) -> (N,) (module docstring)."""
+    pt = lt.detach().exp()
+    ps = ls.detach().exp()
+    pt_sorted, order = pt.sort(dim=-1, descending=True, stable=True)
+    before = pt_sorted.cumsum(-1) - pt_sorted          # teacher mass of the tokens ranked above
+    head = before < head_mass                          # smallest prefix reaching head_mass; top token always
+    err = (pt_sorted - ps.gather(-1, order)).abs()
+    g_head = torch.where(head, err, torch.zeros_like(err)).sum(-1)
+    g_tail = torch.where(head, torch.zeros_like(err), err).sum(-1)
+    total = g_head + g_tail
+    w_head = torch.where(total > 0, g_head / torch.where(total > 0, total, torch.ones_like(total)),
+                         torch.full_like(total, 0.5))
+    return w_head * _kl(lt, ls) + (1.0 - w_head) * _kl(ls, lt)
+
+
+def ranking_per_row(name: str, teacher_probs: torch.Tensor, student_probs: torch.Tensor,
+                    student_z: torch.Tensor, margin: Optional[float]) -> torch.Tensor:
+    """``hinge`` / ``logistic_ranking`` on K ids per row: teacher_probs, student_probs and the
+    tempered student logits (or log-probs: only differences are used) at those ids, (N, K)
+    each -> (N,): the mean over the ordered pairs with p_t(i) > p_t(j) (0 without pairs)."""
+    pt = teacher_probs.detach()
+    pairs = pt.unsqueeze(-1) > pt.unsqueeze(-2)                           # (N, K, K): i above j
+    if name == "hinge":
+        gap_s = student_probs.unsqueeze(-1) - student_probs.unsqueeze(-2)
+        m = (pt.unsqueeze(-1) - pt.unsqueeze(-2)) if margin is None else margin
+        term = torch.relu(m - gap_s)
+    else:
+        term = F.softplus(-(student_z.unsqueeze(-1) - student_z.unsqueeze(-2)))
+    total = torch.where(pairs, term, torch.zeros_like(term)).sum((-2, -1))
+    return total / pairs.sum((-2, -1)).clamp_min(1).to(total.dtype)
+
+
+def _ranking(name: str, zs: torch.Tensor, zt: torch.Tensor, ls: torch.Tensor, lt: torch.Tensor,
+             params: Dict[str, Any]) -> torch.Tensor:
+    """Dense teacher: the pairs among the teacher's top min(rank_k, V) ids. (N, V) -> (N,)."""
+    k = min(params["rank_k"], zt.shape[-1])
+    ids = zt.topk(k, dim=-1).indices
+    return ranking_per_row(name, lt.gather(-1, ids).exp(), ls.gather(-1, ids).exp(), zs.gather(-1, ids),
+                           params["hinge_margin"])
+
+
 def per_token_divergence(
     name: str,
     student_logits: torch.Tensor,
@@ -173,6 +343,7 @@ def per_token_divergence(
     beta: float = 0.5,
     alpha: float = 0.1,
     targets: Optional[torch.Tensor] = None,
+    params: Optional[Mapping[str, Any]] = None,
 ) -> torch.Tensor:
     """Unmasked per-token divergence: logits (N, V) (or (..., V)) -> (N,) (or (...)).
 
@@ -181,20 +352,43 @@ def per_token_divergence(
     ``beta`` is used by ``jsd`` and ``alpha`` by the skew losses; both are
     validated regardless, so config errors surface early. ``targets`` (N,) (or (...))
     integer label ids in ``[0, V)``: required by ``token_rkl`` (ValueError without them),
-    ignored by every other divergence.
+    ignored by every other divergence. ``params``: the new divergences' parameters (see
+    :func:`check_divergence_params`; validated for every divergence). ``sinkhorn`` groups the
+    rows of the flattened (N, V) input in consecutive groups of ``sinkhorn_rows``.
     """
     _check_name(name)
     _check_temperature(temperature)
     _check_unit("beta", beta)
     _check_unit("alpha", alpha)
+    par = check_divergence_params(name, params)
     if name == "token_rkl":
         targets = _check_targets(targets, student_logits)
     zs = _tempered(student_logits, temperature)
     zt = _tempered(teacher_logits.detach(), temperature)
     if name == "mse":
         return (zs - zt).pow(2).mean(-1)
+    if name == "cos":
+        return _cos(zs, zt)
+    if name == "logsum":
+        return _logsum(zs, zt, float(par["logsum_power"]))
     ls = torch.log_softmax(zs, dim=-1)
     lt = torch.log_softmax(zt, dim=-1)
+    if name == "soft_ce":
+        return _soft_ce(lt, ls)
+    if name == "soft_mse":
+        return (ls.exp() - lt.exp()).pow(2).sum(-1)
+    if name == "cakld":
+        return _weighted_kl(lt, ls, float(par["cakld_confidence"]))
+    if name == "akl":
+        return _akl(lt, ls, float(par["akl_head_mass"]))
+    if name in ("hinge", "logistic_ranking"):
+        return _ranking(name, zs, zt, ls, lt, par)
+    if name == "sinkhorn":
+        v = zs.shape[-1]
+        values = sinkhorn_per_row(ls.exp().reshape(-1, v), lt.exp().reshape(-1, v),
+                                  epsilon=float(par["sinkhorn_epsilon"]),
+                                  iterations=par["sinkhorn_iterations"], rows=par["sinkhorn_rows"])
+        return values.reshape(zs.shape[:-1])
     if name == "token_rkl":
         return _token_rkl(ls, lt, targets)
     if name == "fkl":
@@ -253,11 +447,14 @@ def logit_divergence(
     beta: float = 0.5,
     alpha: float = 0.1,
     targets: Optional[torch.Tensor] = None,
+    params: Optional[Mapping[str, Any]] = None,
 ) -> LossOut:
     """Masked divergence ``name`` (one of ``DIVERGENCES`` or ``token_rkl``) -> (loss_sum, n_valid).
 
     Shapes: logits (..., V), mask (...) bool, ``targets`` (...) integer label ids (needed
-    by ``token_rkl`` only; read at the valid positions). See the module docstring.
+    by ``token_rkl`` only; read at the valid positions). ``params``: the divergence's own
+    parameters (:func:`check_divergence_params`). ``sinkhorn`` groups the valid rows in
+    row-major order. See the module docstring.
     """
     _check_name(name)
     _check_shapes(student_logits, teacher_logits, mask)
@@ -268,7 +465,7 @@ def logit_divergence(
     per_token = per_token_divergence(
         name, student_logits[mask], teacher_logits[mask],
         temperature=temperature, beta=beta, alpha=alpha,
-        targets=None if targets is None else targets[mask],
+        targets=None if targets is None else targets[mask], params=params,
     )
     return per_token.sum(), mask.sum()
 
@@ -308,6 +505,52 @@ def logit_mse(student_logits, teacher_logits, mask, *, temperature: float = 1.0)
     return logit_divergence("mse", student_logits, teacher_logits, mask, temperature=temperature)
 
 
+def soft_cross_entropy(student_logits, teacher_logits, mask, *, temperature: float = 1.0, params=None) -> LossOut:
+    """Sum over valid tokens of -sum_v p_t log p_s (= fkl + H(p_t)). Logits (..., V)."""
+    return logit_divergence("soft_ce", student_logits, teacher_logits, mask, temperature=temperature, params=params)
+
+
+def soft_mse(student_logits, teacher_logits, mask, *, temperature: float = 1.0, params=None) -> LossOut:
+    """Sum over valid tokens of sum_v (p_s - p_t)^2. Logits (..., V)."""
+    return logit_divergence("soft_mse", student_logits, teacher_logits, mask, temperature=temperature, params=params)
+
+
+def cosine_divergence(student_logits, teacher_logits, mask, *, temperature: float = 1.0, params=None) -> LossOut:
+    """Sum over valid tokens of 1 - cos(z_s, z_t). Logits (..., V)."""
+    return logit_divergence("cos", student_logits, teacher_logits, mask, temperature=temperature, params=params)
+
+
+def logsum_divergence(student_logits, teacher_logits, mask, *, temperature: float = 1.0, params=None) -> LossOut:
+    """Sum over valid tokens of log(eps + sum_v |z_s - z_t|^a) - log eps (params: logsum_power)."""
+    return logit_divergence("logsum", student_logits, teacher_logits, mask, temperature=temperature, params=params)
+
+
+def cakld_divergence(student_logits, teacher_logits, mask, *, temperature: float = 1.0, params=None) -> LossOut:
+    """BitDistiller CAKLD: g*rkl + (1-g)*fkl, g = params['cakld_confidence'] (required). Logits (..., V)."""
+    return logit_divergence("cakld", student_logits, teacher_logits, mask, temperature=temperature, params=params)
+
+
+def adaptive_kl(student_logits, teacher_logits, mask, *, temperature: float = 1.0, params=None) -> LossOut:
+    """Adaptive KL (head/tail-weighted fkl + rkl; params: akl_head_mass). Logits (..., V)."""
+    return logit_divergence("akl", student_logits, teacher_logits, mask, temperature=temperature, params=params)
+
+
+def hinge_ranking(student_logits, teacher_logits, mask, *, temperature: float = 1.0, params=None) -> LossOut:
+    """Pairwise hinge ranking on the teacher's top rank_k ids (params: rank_k, hinge_margin)."""
+    return logit_divergence("hinge", student_logits, teacher_logits, mask, temperature=temperature, params=params)
+
+
+def logistic_ranking(student_logits, teacher_logits, mask, *, temperature: float = 1.0, params=None) -> LossOut:
+    """Pairwise logistic ranking on the teacher's top rank_k ids (params: rank_k)."""
+    return logit_divergence("logistic_ranking", student_logits, teacher_logits, mask, temperature=temperature,
+                            params=params)
+
+
+def sinkhorn_distance(student_logits, teacher_logits, mask, *, temperature: float = 1.0, params=None) -> LossOut:
+    """SinKD batch-wise Sinkhorn distance over groups of valid rows (params: sinkhorn_*)."""
+    return logit_divergence("sinkhorn", student_logits, teacher_logits, mask, temperature=temperature, params=params)
+
+
 DIVERGENCES: Dict[str, Callable[..., LossOut]] = {
     "fkl": forward_kl,
     "rkl": reverse_kl,
@@ -316,6 +559,15 @@ DIVERGENCES: Dict[str, Callable[..., LossOut]] = {
     "skew_fkl": skew_forward_kl,
     "skew_rkl": skew_reverse_kl,
     "mse": logit_mse,
+    "soft_ce": soft_cross_entropy,
+    "soft_mse": soft_mse,
+    "cos": cosine_divergence,
+    "logsum": logsum_divergence,
+    "cakld": cakld_divergence,
+    "akl": adaptive_kl,
+    "hinge": hinge_ranking,
+    "logistic_ranking": logistic_ranking,
+    "sinkhorn": sinkhorn_distance,
 }
 
 

@@ -13,17 +13,24 @@ threaded workers of :mod:`potstill.losses.chunked`, for the same reason as there
 * sampled (n draws, c_j times token j): (q_j - c_j / n) / T;
 * CE (no temperature): softmax(z) - onehot(target).
 
+Every other divergence a sparse teacher supports (:data:`potstill.losses.sparse.SPARSE_DIVERGENCES`
+for top-k, ``soft_ce`` for sampled) runs the :mod:`potstill.losses.sparse` function itself on
+each row block's logits under ``torch.autograd.grad`` (same chunks and blocks, no closed form);
+the rest are refused in one line, as there.
+
 ``backward`` only scales the stored gradients, so call it once per forward.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Optional
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 import torch
 
-from .chunked import ChunkedLossOutput, _map_rows, _workers, loss_output
+from .chunked import ChunkedLossOutput, _map_rows, _workers, loss_output, spec_params
+from .logits import _check_temperature, _check_unit, check_divergence_params
+from .sparse import check_sparse_divergence, sampled_divergence, topk_divergence
 
 BLOCK_ELEMENTS = 2**18   # float32 elements of one row block's (r, V) tensors: stays in cache
 CHUNK_ROWS = 512
@@ -38,10 +45,21 @@ class SparseSpec:
     ce_weight: float
     vocab: int            # columns of the student's logits that the teacher's ids index
     compute_dtype: Optional[torch.dtype]
+    divergence: str = "fkl"
+    beta: float = 0.5
+    params: Tuple[Tuple[str, Any], ...] = ()
+
+    @property
+    def closed_form(self) -> bool:
+        """Forward KL has the closed-form gradient; every other divergence runs autograd per block."""
+        return self.divergence == "fkl"
 
 
 def _teacher_side(rows: Dict[str, torch.Tensor], spec: SparseSpec) -> Dict[str, torch.Tensor]:
-    """Teacher log-probs prepared once per call (N, K) / (N,): renormalized over K or K + 1."""
+    """Teacher log-probs prepared once per call (N, K) / (N,): renormalized over K or K + 1.
+    The autograd divergences get the rows as given (the sparse.py functions renormalize)."""
+    if not spec.closed_form:
+        return {k: (v.long() if k == "ids" else v) for k, v in rows.items()}
     if spec.kind == "sampled":
         return {"ids": rows["ids"].long(), "entropy": rows["entropy"].float()}
     floor = torch.finfo(torch.float32).min
@@ -68,7 +86,9 @@ def _block(z: torch.Tensor, tgt: torch.Tensor, t: Dict[str, torch.Tensor], spec:
     zf = z.float()
     kd = ce = None
     g = None
-    if spec.kd_weight > 0:
+    if spec.kd_weight > 0 and not spec.closed_form:
+        g, kd = _autograd_kd(zf, t, spec)
+    elif spec.kd_weight > 0:
         zs = zf[:, :v] if T == 1.0 else zf[:, :v] / T
         m = zs.amax(-1, keepdim=True)
         e = (zs - m).exp_()                                   # (r, V): q * S
@@ -107,6 +127,25 @@ def _block(z: torch.Tensor, tgt: torch.Tensor, t: Dict[str, torch.Tensor], spec:
         p1.scatter_add_(-1, tgt.unsqueeze(-1), torch.full((len(tgt), 1), -1.0))
         g = p1.mul_(spec.ce_weight) if g is None else g.add_(p1, alpha=spec.ce_weight)
     return g, kd, ce
+
+
+def _autograd_kd(zf: torch.Tensor, t: Dict[str, torch.Tensor], spec: SparseSpec):
+    """The sparse divergence of one row block by autograd: zf (r, Vs) float32 logits ->
+    (g (r, Vs) float32 gradient of kd_weight * kd, kd sum). Exactly the plain path's function
+    (:func:`topk_divergence` / :func:`sampled_divergence`) on the block's rows."""
+    params = dict(spec.params) or None
+    leaf = zf.detach().requires_grad_()
+    with torch.enable_grad():
+        logits = leaf[:, :spec.vocab]
+        if spec.kind == "sampled":
+            kd, _ = sampled_divergence(spec.divergence, logits, t["ids"], t.get("entropy"),
+                                       temperature=spec.temperature, params=params)
+        else:
+            kd, _ = topk_divergence(spec.divergence, logits, t["ids"], t["logp"], t.get("rest"),
+                                    missing_mass=spec.missing_mass, temperature=spec.temperature,
+                                    beta=spec.beta, params=params)
+        (g,) = torch.autograd.grad(kd * spec.kd_weight, leaf)
+    return g, kd.detach().float()
 
 
 class _SparseChunked(torch.autograd.Function):
@@ -178,17 +217,28 @@ class _SparseChunked(torch.autograd.Function):
 def sparse_chunked_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                         targets: torch.Tensor, teacher_rows: Dict[str, torch.Tensor], *, kind: str,
                         missing_mass: str = "rest", temperature: float = 1.0, kd_weight: float = 1.0,
-                        ce_weight: float = 0.0, vocab: Optional[int] = None) -> ChunkedLossOutput:
-    """Forward KL against sparse teacher rows (+ CE) from valid rows' hidden states.
+                        ce_weight: float = 0.0, vocab: Optional[int] = None, divergence: str = "fkl",
+                        beta: float = 0.5, params: Optional[Mapping[str, Any]] = None) -> ChunkedLossOutput:
+    """A sparse divergence (forward KL by default) against sparse teacher rows (+ CE) from valid
+    rows' hidden states.
 
     hidden (N, H), weight (V, H), bias (V,) or None, targets (N,) next-token ids,
     teacher_rows as :meth:`potstill.teachers.cached.CachedTeacher.targets` returns them (N rows).
+    ``divergence`` / ``beta`` / ``params`` as for :func:`potstill.losses.sparse.topk_divergence`
+    (``sampled``: fkl or soft_ce); fkl in closed form, the others by autograd per row block;
+    an unsupported one is a one-line ValueError.
     Returns ``weighted_sum`` = kd_weight * kd + ce_weight * ce (sums over rows) and the terms.
     """
+    if kd_weight > 0:
+        check_sparse_divergence(divergence, kind, missing_mass)
+        check_divergence_params(divergence, params)
+        _check_temperature(temperature)
+        _check_unit("beta", beta)
     device_type = hidden.device.type
     cd = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
     spec = SparseSpec(kind=kind, missing_mass=missing_mass, temperature=temperature, kd_weight=kd_weight,
-                      ce_weight=ce_weight, vocab=vocab or weight.shape[0], compute_dtype=cd)
+                      ce_weight=ce_weight, vocab=vocab or weight.shape[0], compute_dtype=cd,
+                      divergence=divergence, beta=float(beta), params=spec_params(params))
     teacher = _teacher_side({k: v.to(hidden.device) for k, v in teacher_rows.items()}, spec) if kd_weight > 0 else {}
     with torch.autocast(device_type, enabled=False):
         total, kd, ce = _SparseChunked.apply(hidden, weight, bias, targets.long(), teacher, spec)

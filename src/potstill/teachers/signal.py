@@ -27,7 +27,7 @@ import torch
 
 from ..errors import ConfigError
 from ..features.hooks import Captured
-from ..losses.sparse import SPARSE_DIVERGENCES
+from ..losses.sparse import SPARSE_DIVERGENCES, check_sparse_divergence
 from ..models.heads import HeadParams
 
 SignalKind = Literal["dense", "sparse", "aligned", "none"]
@@ -117,20 +117,19 @@ def check_sparse_loss(lc, *, kind: str, where: str) -> None:
     signal of ``kind`` ('topk' | 'sampled') from ``where`` cannot feed exactly."""
     if lc.weight <= 0:
         return
-    if kind == "sampled" and lc.divergence != "fkl":
-        raise ConfigError(f"loss.logits.divergence={lc.divergence} is not defined for sampled tokens "
-                          f"({where} is a sampled cache): use fkl")
-    if lc.missing_mass == "renormalize" and lc.divergence != "fkl":
-        raise ConfigError(f"loss.logits.divergence={lc.divergence} is not defined for a renormalized top-k "
-                          "teacher (it is 0 outside the k ids): use fkl, or loss.logits.missing_mass=rest")
-    if lc.divergence not in SPARSE_DIVERGENCES:
-        raise ConfigError(f"loss.logits.divergence={lc.divergence} has no sparse version for a top-k teacher "
-                          f"({where}): use {', '.join(SPARSE_DIVERGENCES)}")
+    try:
+        check_sparse_divergence(lc.divergence, kind, lc.missing_mass if kind == "topk" else "rest")
+    except ValueError as err:
+        raise ConfigError(f"loss.logits.divergence={lc.divergence} with {where}: {err}") from None
+    if lc.divergence == "cakld" and lc.cakld_confidence is None:
+        raise ConfigError(f"loss.logits.divergence=cakld with {where}: the teacher's confidence cannot be measured "
+                          "from k log-probs; set loss.logits.cakld_confidence (e.g. measured once with the local "
+                          "teacher: it is in that run's summary.json)")
 
 
 def sparse_chunked_problem(needs_logits: bool, divergence: str, source: str) -> str | None:
     """Why a sparse signal cannot feed the chunked (hidden-state) loss path, or None: that path has
-    the sparse loss in closed form for forward KL only."""
-    if needs_logits and divergence != "fkl":
+    every sparse divergence (forward KL in closed form, the others by autograd per row block)."""
+    if needs_logits and divergence not in SPARSE_DIVERGENCES:
         return f"{source} with loss.logits.divergence={divergence}: the sparse loss has no chunked form"
     return None
