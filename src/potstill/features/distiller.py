@@ -3,10 +3,12 @@
 Built once per run from ``loss.hidden`` / ``loss.attention`` and the two models:
 
     features = FeatureDistiller.build(cfg.loss, teacher, student, seed=...)   # None if both weights are 0
+    if features.needs_fit:                                 # loss.hidden.preprocess standardize / whitening
+        features.fit(teacher, first_train_batches, autocast=..., progress=...)
     with capture_teacher(features, teacher) as t:   teacher forward
     with capture_student(features, student) as s:  student forward
-    features.add_terms(out, s, t, labels, attention_mask)     # out.weighted_sum += terms; logged as
-                                                              # loss/hidden and loss/attention
+    features.terms(s, t, labels, attention_mask)   # {'hidden': sum, 'attention': sum}: the objective weighs
+                                                   # them (training/objective.py); logged as loss/hidden, loss/attention
 
 Each term is the mean over its layer pairs of a per-token loss summed over the tokens that
 count (those whose next-token label is not -100: the same tokens as the logit term), so the
@@ -23,9 +25,10 @@ from torch import nn
 
 from ..config import LossConfig
 from ..errors import ConfigError, ModelError, RunDirError
-from ..losses.features import attention_relation_loss, hidden_loss
+from ..losses.features import FITTED, attention_relation_loss, hidden_loss
 from .hooks import Captured, capture, model_name, num_decoder_layers, projection_widths
 from .layer_map import map_layers
+from .preprocess import CHECKPOINT_NAME as STATS_CHECKPOINT_NAME, FeatureStats, fit_feature_stats
 from .projectors import Projectors
 
 CHECKPOINT_NAME = "projectors"   # <checkpoint>/projectors.pt (optimizer state sits in optimizer.pt)
@@ -44,6 +47,14 @@ def feature_mask(labels: torch.Tensor) -> torch.Tensor:
     return mask
 
 
+def fit_mask(batch) -> torch.Tensor:
+    """(B, T) bool: the tokens the teacher's statistics are fitted on: those the hidden term
+    counts (:func:`feature_mask`), never padding."""
+    mask = feature_mask(batch["labels"])
+    attention_mask = batch.get("attention_mask")
+    return mask if attention_mask is None else mask & attention_mask.bool()
+
+
 class FeatureDistiller:
     """Layer pairs, projectors and the two feature terms of one run."""
 
@@ -58,6 +69,10 @@ class FeatureDistiller:
                                          kind=hc.projector, orthogonal=hc.projector_init == "orthogonal", seed=seed)
         except ValueError as err:
             raise ConfigError(f"loss.hidden.projector: {err}") from None
+        # standardize / whitening: the teacher's statistics, fitted by fit() before training
+        self.preprocess = hc.preprocess
+        self.stats: FeatureStats | None = None
+        self._device = torch.device("cpu")
         self.relation_heads = cfg.attention.relation_heads or int(student.config.get_text_config().num_attention_heads)
         self._check_relation_heads(teacher, student)
 
@@ -87,6 +102,35 @@ class FeatureDistiller:
                         f"{who} layer {layer} ({model_name(model)}); set loss.attention.relation_heads to a "
                         "common divisor of the teacher's and the student's widths")
 
+    # -- the teacher's statistics (loss.hidden.preprocess) -----------------------------------
+    @property
+    def needs_fit(self) -> bool:
+        return bool(self.hidden_pairs) and self.preprocess in FITTED
+
+    def fit(self, teacher: nn.Module, batches, *, autocast=contextlib.nullcontext, progress: bool = False,
+            accelerator=None) -> None:
+        """Fit the teacher's statistics on ``batches`` (the first ``loss.hidden.fit_batches`` train
+        batches, the same on every process) with the teacher placed for training. Under several
+        processes the main process's statistics are broadcast, so every process holds the same bits."""
+        if not self.needs_fit:
+            return
+        layers = [t for t, _ in self.hidden_pairs]
+        stats = fit_feature_stats(teacher, batches, layers, fit_mask, kind=self.preprocess, autocast=autocast,
+                                  progress=progress)
+        device = self.projectors_device()
+        stats.to(device)
+        if accelerator is not None and accelerator.num_processes > 1:
+            import torch.distributed as dist
+
+            for buffer in stats.buffers():
+                dist.broadcast(buffer, src=0)
+        self.stats = stats
+        self.projectors.companions = [stats]  # written beside them in <run>/projectors/
+
+    def projectors_device(self) -> torch.device:
+        p = next(self.projectors.parameters(), None)
+        return p.device if p is not None else self._device
+
     # -- capture --------------------------------------------------------------------------
     @property
     def student_layers(self) -> tuple[list[int], list[int]]:
@@ -104,22 +148,17 @@ class FeatureDistiller:
         out = {}
         if self.hidden_pairs:
             hc = self.cfg.hidden
+            if self.needs_fit and self.stats is None:
+                raise RuntimeError(f"loss.hidden.preprocess={self.preprocess}: FeatureDistiller.fit was not called")
             total = sum(hidden_loss(hc.loss, self.projectors((t, s), student.hidden[s]), teacher.hidden[t], mask,
-                                    layer_norm=hc.layer_norm)[0] for t, s in self.hidden_pairs)
+                                    preprocess=self.preprocess,
+                                    stats=self.stats.layer(t) if self.stats is not None else None)[0]
+                        for t, s in self.hidden_pairs)
             out["hidden"] = total / len(self.hidden_pairs)
         if self.attention_pairs:
             total = sum(attention_relation_loss(student.qkv[s], teacher.qkv[t], mask, heads=self.relation_heads,
                                                 key_mask=attention_mask)[0] for t, s in self.attention_pairs)
             out["attention"] = total / len(self.attention_pairs)
-        return out
-
-    def add_terms(self, out, student: Captured, teacher: Captured, labels: torch.Tensor,
-                  attention_mask: torch.Tensor | None):
-        """Add the weighted terms to an :class:`~potstill.training.objective.ObjectiveOutput` in place."""
-        weights = {"hidden": self.cfg.hidden.weight, "attention": self.cfg.attention.weight}
-        for name, value in self.terms(student, teacher, labels, attention_mask).items():
-            out.weighted_sum = out.weighted_sum + weights[name] * value
-            out.term_sums[name] = value.detach()
         return out
 
     # -- training state -------------------------------------------------------------------
@@ -128,6 +167,9 @@ class FeatureDistiller:
 
     def to(self, device) -> "FeatureDistiller":
         self.projectors.to(device)
+        self._device = torch.device(device)
+        if self.stats is not None:
+            self.stats.to(device)
         return self
 
     def sync_gradients(self, accelerator) -> None:
@@ -145,9 +187,13 @@ class FeatureDistiller:
 
     def checkpoint_modules(self) -> dict[str, nn.Module]:
         """For :func:`potstill.training.checkpoint.write_main_state` (``extra_modules``)."""
-        return {CHECKPOINT_NAME: self.projectors} if self.hidden_pairs else {}
+        modules = {CHECKPOINT_NAME: self.projectors} if self.hidden_pairs else {}
+        if self.stats is not None:
+            modules[STATS_CHECKPOINT_NAME] = self.stats
+        return modules
 
     def load_checkpoint(self, ckpt: Path) -> None:
+        self._load_stats(Path(ckpt))
         path = Path(ckpt) / f"{CHECKPOINT_NAME}.pt"
         if not path.is_file():
             if not self.parameters():
@@ -159,6 +205,21 @@ class FeatureDistiller:
             self.projectors.load_state_dict(state)
         except RuntimeError as err:
             raise RunDirError(f"checkpoint {ckpt}: its projectors do not match loss.hidden "
+                              f"({str(err).splitlines()[0]}); resume with the same loss config") from None
+
+    def _load_stats(self, ckpt: Path) -> None:
+        """The statistics the first session fitted replace this session's fit (the same data give
+        the same values; a checkpoint keeps them whatever happens to the data)."""
+        if self.stats is None:
+            return
+        path = ckpt / f"{STATS_CHECKPOINT_NAME}.pt"
+        if not path.is_file():
+            raise RunDirError(f"checkpoint {ckpt} has no {path.name}: it was written without the teacher's statistics "
+                              f"of loss.hidden.preprocess={self.preprocess}; resume with the same loss config")
+        try:
+            self.stats.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        except RuntimeError as err:
+            raise RunDirError(f"checkpoint {ckpt}: its {path.name} does not match loss.hidden "
                               f"({str(err).splitlines()[0]}); resume with the same loss config") from None
 
 

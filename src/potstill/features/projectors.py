@@ -3,7 +3,8 @@
 Trained with the student (their parameters join the optimizer), saved beside it: in each
 checkpoint as ``projectors.pt`` and after the run in ``<run>/projectors/`` (safetensors +
 ``projectors.json``), never inside the exported student, which stays a plain
-``transformers`` model. Resume loads them back.
+``transformers`` model. Resume loads them back. ``companions`` (the hidden term's fitted
+statistics, :mod:`.preprocess`) are written into the same folder by :meth:`Projectors.save`.
 
 Kinds: ``identity`` (equal widths only), ``linear`` (optionally orthogonally initialized),
 ``mlp`` (linear -> GELU -> linear, hidden width = the teacher's).
@@ -54,6 +55,7 @@ class Projectors(nn.Module):
     def __init__(self, pairs, student_width: int, teacher_width: int, *, kind: str = "auto",
                  orthogonal: bool = False, seed: int = 0):
         super().__init__()
+        self.companions: list = []  # other state saved beside them (the hidden term's fitted statistics)
         self.spec = {"kind": kind, "orthogonal": orthogonal, "student_width": student_width,
                      "teacher_width": teacher_width, "pairs": [list(p) for p in pairs]}
         # A private RNG: adding projectors does not change the student's or the data's random stream.
@@ -77,6 +79,8 @@ class Projectors(nn.Module):
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         save_file(state, str(folder / WEIGHTS_FILE))
         (folder / SPEC_FILE).write_text(json.dumps(self.spec, indent=2), encoding="utf-8")
+        for companion in self.companions:
+            companion.save(folder)
 
     @classmethod
     def load(cls, folder: Path) -> "Projectors":
