@@ -231,23 +231,67 @@ class DataConfig(_Section):
     cache_dir: str | None = Field(None, description="tokenized-data cache; default ~/.cache/potstill/data")
 
 
-DIVERGENCE_NAMES = ("fkl", "rkl", "jsd", "tvd", "skew_fkl", "skew_rkl", "mse", "token_rkl")
+DIVERGENCE_NAMES = ("fkl", "rkl", "jsd", "tvd", "skew_fkl", "skew_rkl", "mse", "token_rkl", "soft_ce", "soft_mse",
+                    "cos", "logsum", "cakld", "akl", "hinge", "logistic_ranking", "sinkhorn")
+DIVERGENCE_LITERAL = Literal["fkl", "rkl", "jsd", "tvd", "skew_fkl", "skew_rkl", "mse", "token_rkl", "soft_ce",
+                             "soft_mse", "cos", "logsum", "cakld", "akl", "hinge", "logistic_ranking", "sinkhorn"]
 
 
 class LogitLossConfig(_Section):
     """Match the student's next-token distribution to the teacher's."""
 
     weight: float = Field(1.0, ge=0.0, description="weight of the logit term")
-    divergence: Literal["fkl", "rkl", "jsd", "tvd", "skew_fkl", "skew_rkl", "mse", "token_rkl"] = Field(
+    divergence: DIVERGENCE_LITERAL = Field(
         "fkl", description="fkl | rkl | jsd | tvd | skew_fkl | skew_rkl | mse | token_rkl (reverse KL estimated "
-                           "on the label token: for on-policy samples)")
+                           "on the label token: for on-policy samples) | soft_ce | soft_mse | cos | logsum | cakld | "
+                           "akl | hinge | logistic_ranking | sinkhorn (see docs/objectives.md)")
     temperature: float = Field(1.0, gt=0.0, description="divides both models' logits before softmax")
     t2_scaling: bool = Field(False, description="multiply the term by temperature**2 (Hinton et al.)")
     beta: float = Field(0.5, ge=0.0, le=1.0, description="jsd only: 0 = forward KL, 1 = reverse KL")
     alpha: float = Field(0.1, ge=0.0, le=1.0, description="skew_fkl / skew_rkl only: skew mixing weight")
+    cakld_confidence: float | None = Field(
+        None, ge=0.0, le=1.0, description="cakld only: the teacher's mean probability of the data's tokens, the weight "
+                                          "of reverse KL (1 - it weighs forward KL); default: measured on the first "
+                                          "cakld_batches train batches and recorded")
+    cakld_batches: int = Field(8, ge=1, le=MAX_COUNT, description="cakld only: train batches the confidence is measured on")
+    akl_head_mass: float = Field(0.5, gt=0.0, le=1.0, description="akl only: teacher mass of the head (its top tokens "
+                                                                    "until this cumulative probability)")
+    rank_k: int = Field(16, ge=2, le=4096, description="hinge / logistic_ranking only: the teacher's top tokens whose "
+                                                        "order the student learns (a top-k cache ranks its own k)")
+    hinge_margin: float | None = Field(None, ge=0.0, description="hinge only: fixed margin between the student's "
+                                                                  "probabilities; default: the teacher's own gap")
+    logsum_power: float = Field(4.0, gt=0.0, le=16.0, description="logsum only: the power of |z_s - z_t| inside the log")
+    sinkhorn_epsilon: float = Field(0.1, gt=0.0, description="sinkhorn only: entropic regularization (> 0; smaller is closer "
+                                                      "to the exact transport and slower to converge)")
+    sinkhorn_iterations: int = Field(20, ge=1, le=1000, description="sinkhorn only: Sinkhorn normalization rounds")
+    sinkhorn_rows: int = Field(64, ge=2, le=4096, description="sinkhorn only: tokens per transport problem (rows "
+                                                               "of the cost matrix; memory and time grow as its square)")
     missing_mass: Literal["rest", "renormalize"] = Field(
         "rest", description="teacher.cache top-k: mass outside the k ids as one extra 'rest' outcome, or renormalize "
                             "the teacher's top-k (fkl only)")
+
+    def divergence_params(self, confidence: float | None = None) -> dict:
+        """The keyword parameters of ``self.divergence`` for :mod:`potstill.losses` (beyond beta and
+        alpha). ``confidence``: the measured CAKLD confidence when ``cakld_confidence`` is unset."""
+        name = self.divergence
+        if name == "cakld":
+            value = self.cakld_confidence if self.cakld_confidence is not None else confidence
+            if value is None:
+                raise ValueError("cakld needs the teacher's confidence: set loss.logits.cakld_confidence or let the "
+                                 "run measure it")
+            return {"cakld_confidence": float(value)}
+        if name == "akl":
+            return {"akl_head_mass": self.akl_head_mass}
+        if name == "hinge":
+            return {"rank_k": self.rank_k, "hinge_margin": self.hinge_margin}
+        if name == "logistic_ranking":
+            return {"rank_k": self.rank_k}
+        if name == "logsum":
+            return {"logsum_power": self.logsum_power}
+        if name == "sinkhorn":
+            return {"sinkhorn_epsilon": self.sinkhorn_epsilon, "sinkhorn_iterations": self.sinkhorn_iterations,
+                    "sinkhorn_rows": self.sinkhorn_rows}
+        return {}
 
 
 class CrossEntropyLossConfig(_Section):
@@ -284,7 +328,21 @@ class HiddenLossConfig(_LayerMapping):
     mapping: LAYER_MAPPINGS = Field(
         "uniform_last", description="last | last_k | all | uniform | uniform_consecutive | uniform_last | pairs")
     loss: Literal["mse", "nmse", "cosine"] = Field("cosine", description="per token: mse | nmse (relative) | cosine (1 - cos)")
-    layer_norm: bool = Field(False, description="layer-normalize both sides (no affine) before the loss")
+    layer_norm: bool = Field(False, description="same as preprocess: layernorm (kept for older configs)")
+    preprocess: Literal["none", "layernorm", "standardize", "whitening"] = Field(
+        "none", description="before the loss, both sides: none | layernorm (each token's vector, no affine) | "
+                            "standardize (each feature by the teacher's mean and std) | whitening (ZCA fitted on the "
+                            "teacher's activations); the statistics come from the first fit_batches train batches")
+    fit_batches: int = Field(8, ge=1, le=MAX_COUNT, description="standardize / whitening: train batches the teacher's "
+                                                                 "statistics are fitted on")
+
+    @model_validator(mode="after")
+    def _one_preprocess(self):
+        if self.layer_norm and self.preprocess not in ("none", "layernorm"):
+            raise ValueError(f"layer_norm: true and preprocess: {self.preprocess} disagree: set preprocess alone")
+        if self.layer_norm and self.preprocess != "layernorm":  # (assignment validates the model again)
+            self.preprocess = "layernorm"
+        return self
     projector: Literal["auto", "identity", "linear", "mlp"] = Field(
         "auto", description="student width -> teacher width, one per pair; auto: identity if equal, else linear")
     projector_init: Literal["default", "orthogonal"] = Field("default", description="initialization of projector weights")
@@ -327,6 +385,16 @@ class LossConfig(_Section):
     chunk_size: int | None = Field(None, ge=1, le=MAX_COUNT, description="tokens per chunk on the chunked path; default: from memory_budget_mb")
     memory_budget_mb: float = Field(512.0,  # = losses.chunked.DEFAULT_MEMORY_BUDGET_MB
                                       gt=0, description="memory for one chunk's logits on the chunked path")
+    balance: Literal["fixed", "gradnorm", "pcgrad"] = Field(
+        "fixed", description="how the logit, hidden and attention terms combine: fixed weights | gradnorm (weights "
+                             "adapted so each term's gradient norm keeps its share, GradNorm) | pcgrad (conflicting "
+                             "gradients projected apart, PCGrad); the last two cost one backward pass per term")
+    gradnorm_alpha: float = Field(1.5, ge=0.0, le=10.0, description="gradnorm only: how strongly a term that trains "
+                                                                     "slower gets a larger gradient share")
+    gradnorm_rate: float = Field(0.1, gt=0.0, le=10.0, description="gradnorm only: step size of the log-weights")
+    log_term_gradients: bool = Field(False, description="fixed weights too: log each term's gradient norm and the "
+                                                         "cosine between the logit and feature gradients (one "
+                                                         "backward pass per term)")
 
     @model_validator(mode="after")
     def _something_to_learn(self) -> "LossConfig":
@@ -334,6 +402,26 @@ class LossConfig(_Section):
             raise ValueError("every loss weight is 0: set loss.logits.weight, loss.ce.weight, loss.hidden.weight "
                              "or loss.attention.weight above 0")
         return self
+
+    @model_validator(mode="after")
+    def _balance_terms(self) -> "LossConfig":
+        if self.balance != "fixed" and len(self.balanced_terms) < 2:
+            raise ValueError(f"loss.balance={self.balance} needs two terms or more among loss.logits (with loss.ce), "
+                             "loss.hidden and loss.attention; this run has "
+                             f"{', '.join(self.balanced_terms) or 'none'}: use loss.balance=fixed")
+        return self
+
+    @property
+    def balanced_terms(self) -> list[str]:
+        """The terms a balancer weighs: 'logits' (the logit divergence with hard-label CE), 'hidden', 'attention'."""
+        terms = []
+        if self.logits.weight > 0 or self.ce.weight > 0:
+            terms.append("logits")
+        if self.hidden.weight > 0:
+            terms.append("hidden")
+        if self.attention.weight > 0:
+            terms.append("attention")
+        return terms
 
     @property
     def uses_features(self) -> bool:

@@ -140,17 +140,25 @@ def _trained_part_words(student: dict[str, Any], summary: dict[str, Any]) -> lis
     return lines
 
 
-def _loss_words(cfg: dict[str, Any]) -> list[str]:
+def _loss_words(cfg: dict[str, Any], summary: dict[str, Any] | None = None) -> list[str]:
     loss = cfg.get("loss") or {}
     words = []
     logits = loss.get("logits") or {}
     if logits.get("weight"):
-        words.append(f"logit distillation ({logits.get('divergence', 'fkl')}, temperature {logits.get('temperature', 1.0)}) "
+        divergence = logits.get("divergence", "fkl")
+        gamma = logits.get("cakld_confidence") or ((summary or {}).get("measured") or {}).get("cakld_confidence")
+        if divergence == "cakld" and gamma is not None:
+            how = "set" if logits.get("cakld_confidence") is not None else "measured teacher confidence"
+            divergence = f"cakld, {how} γ = {gamma:.3f}"
+        words.append(f"logit distillation ({divergence}, temperature {logits.get('temperature', 1.0)}) "
                      f"weight {logits['weight']}")
     for key, name in (("ce", "cross-entropy on the data's labels"), ("hidden", "hidden-state matching"),
                       ("attention", "attention-relation matching (MiniLMv2)")):
         if (loss.get(key) or {}).get("weight"):
             words.append(f"{name} weight {loss[key]['weight']}")
+    if loss.get("balance") in ("gradnorm", "pcgrad"):
+        words.append({"gradnorm": "terms balanced by GradNorm", "pcgrad": "conflicting term gradients projected "
+                      "apart (PCGrad)"}[loss["balance"]])
     lmbda = (cfg.get("onpolicy") or {}).get("lmbda")
     if lmbda:
         words.append(f"on-policy: the student samples {100 * lmbda:.0f}% of the completions the teacher scores")
@@ -300,7 +308,7 @@ def build_model_card(run_dir: str | os.PathLike, *, baselines: dict[str, Path] |
     lines.append(f"- **Teacher:** {_teacher_words(cfg, roots)}" + (f", {fmt(tparams)} parameters" if tparams else ""))
     lines.append(f"- **Student:** {fmt(params) + ' parameters, ' if params else ''}{origin}")
     lines += _trained_part_words(cfg.get("student") or {}, s)
-    losses = _loss_words(cfg)
+    losses = _loss_words(cfg, s)
     lines.append("- **Losses:** " + ("; ".join(losses) if losses else "-"))
     lines.append(f"- **Data:** {_shown((cfg.get('data') or {}).get('source'), roots)}"
                  + (f", {fmt(s['train_examples'])} training examples" if s.get("train_examples") else ""))

@@ -222,6 +222,7 @@ class Setting:
     memory_budget_mb: float = 512.0
     chunk_size: int | None = None
     features: int = 0                    # feature-term layer pairs (loss.hidden / loss.attention)
+    balanced_terms: int = 0              # terms whose gradients a balancer keeps apart (training/balance.py)
     fsdp_reshard: bool = True
     fsdp_mixed_precision: bool = False   # FSDP2's bf16 policy (then no autocast copies)
     fsdp_offload: bool = False           # train.fsdp.cpu_offload (CUDA only): shards in host memory
@@ -431,6 +432,11 @@ def estimate(s: ModelShape, t: ModelShape | None, st: Setting, *, checkpointing:
     else:
         grads = 4 * Pt + (4 * Pt if n > 1 else 0)
     grads_persistent = grads - 4 * Pt if (not fsdp and n > 1) else 0  # DDP's buckets live from the first backward
+    if st.balanced_terms and not fsdp:
+        # loss.balance / log_term_gradients: no DDP buckets; one float32 buffer per term, held from the
+        # first micro-batch to the step, beside the combined gradient.
+        grads = 4 * Pt * (st.balanced_terms + 1)
+        grads_persistent = 4 * Pt * st.balanced_terms
     grads_live = grads - grads_persistent
 
     # AdamW: two float32 moments. The step's temporaries: on CPU the single-tensor AdamW makes a
@@ -730,6 +736,7 @@ def resolve_target_precision(precision: str, device_type: str) -> str:
 def setting_from_config(cfg, models: RunModels, *, device_type: str, runtime: int, threads: int) -> Setting:
     """The :class:`Setting` of ``cfg`` (strategy and devices are set per table column)."""
     from ..errors import ConfigError
+    from ..losses.sparse import SPARSE_DIVERGENCES
     from .precision import compute_dtype
     from .teacher_model import teacher_dtype
 
@@ -747,7 +754,7 @@ def setting_from_config(cfg, models: RunModels, *, device_type: str, runtime: in
         why = models.student.chunked_why
     elif kd and models.teacher_kind == "local" and models.teacher is not None and not models.teacher.chunked_ok:
         why = models.teacher.chunked_why
-    elif kd and models.teacher_kind in ("cache", "served") and lc.logits.divergence != "fkl":
+    elif kd and models.teacher_kind in ("cache", "served") and lc.logits.divergence not in SPARSE_DIVERGENCES:
         why = f"the sparse loss has no chunked form for loss.logits.divergence={lc.logits.divergence}"
     if lc.path == "chunked" and why:
         raise ConfigError(f"loss.path=chunked is not possible: {why}; use loss.path=auto or plain")
@@ -769,5 +776,6 @@ def setting_from_config(cfg, models: RunModels, *, device_type: str, runtime: in
         divergence=lc.logits.divergence, beta=lc.logits.beta, top_k=models.top_k,
         lookahead=server.lookahead if server is not None else 0, memory_budget_mb=lc.memory_budget_mb,
         chunk_size=lc.chunk_size, features=features, fsdp_reshard=fc.reshard_after_forward,
+        balanced_terms=len(lc.balanced_terms) if lc.balance != "fixed" or lc.log_term_gradients else 0,
         fsdp_mixed_precision=bool(mixed) and precision == "bf16", fsdp_offload=fc.cpu_offload, threads=threads,
         runtime=runtime)

@@ -155,6 +155,11 @@ def check_settings(cfg: DistillConfig, role: str) -> None:
         if cfg.train.strategy == "fsdp":
             raise ConfigError("student.lora with train.strategy=fsdp is not supported yet: use ddp "
                               "(train.strategy=auto); the adapters are small enough to replicate")
+    if role == "distill" and (cfg.loss.balance != "fixed" or cfg.loss.log_term_gradients) \
+            and cfg.train.strategy == "fsdp":
+        what = f"loss.balance={cfg.loss.balance}" if cfg.loss.balance != "fixed" else "loss.log_term_gradients"
+        raise ConfigError(f"{what} is not supported with train.strategy=fsdp (per-term gradients of sharded "
+                          "parameters): use ddp (train.strategy=auto) or loss.balance=fixed")
     if role == "distill" and cfg.student.spectrum is not None:
         from .freezing import read_spectrum
 

@@ -203,8 +203,10 @@ def train_step(run: Run, batches: list[MicroBatch], step: int,
     # The on-policy counts of the step (StepLog); every key on every process, for the reduction.
     samples = dict.fromkeys(SAMPLE_KEYS, 0.0) if run.cfg.onpolicy.enabled else None
     teacher_s = 0.0
+    balancer = run.balancer
     for m, batch in enumerate(batches):
-        with run.strategy.gradient_sync(run.student, sync=m == len(batches) - 1):
+        # With a balancer nothing is synchronized by DDP: it sums each term's gradient itself.
+        with run.strategy.gradient_sync(run.student, sync=m == len(batches) - 1 and balancer is None):
             started = time.perf_counter()
             signal = run.teacher.signal(batch)
             teacher_s += time.perf_counter() - started
@@ -215,13 +217,19 @@ def train_step(run: Run, batches: list[MicroBatch], step: int,
             run.strategy.release_teacher(run.teacher.model)
             if not torch.isfinite(out.weighted_sum):
                 raise DivergedError(diverged_message(step + 1, f"loss is {out.weighted_sum.item()}", last_good))
-            acc.backward(step_loss(out.weighted_sum, n_valid_step, acc.num_processes))
+            if balancer is None:
+                acc.backward(step_loss(out.weighted_sum, n_valid_step, acc.num_processes))
+            else:  # one backward per term; summed over processes in balancer.finish
+                balancer.accumulate({k: step_loss(v, n_valid_step, 1) for k, v in out.term_losses.items()})
         sums["loss"] += out.weighted_sum.detach().float().cpu()
         sums["tokens"] += batch.n_tokens.cpu()
         for name, value in out.term_sums.items():
             sums[name] = sums.get(name, torch.zeros(())) + value.float().cpu()
         del signal, student_out, out  # free this micro-batch's activations before the next one
-    if run.features is not None:
+    balance_metrics = {}
+    if balancer is not None:
+        balance_metrics = balancer.finish(acc, step)
+    elif run.features is not None:
         run.features.sync_gradients(acc)
     grad_norm = run.strategy.clip_grad_norm(run.trained_parameters(), run.cfg.train.max_grad_norm or float("inf"))
     if run.precision != "fp16" and not torch.isfinite(torch.as_tensor(grad_norm)):
@@ -233,10 +241,13 @@ def train_step(run: Run, batches: list[MicroBatch], step: int,
     sums["teacher_s"] = torch.as_tensor(teacher_s)
     for name, value in (samples or {}).items():
         sums[f"{SAMPLES}{name}"] = torch.as_tensor(value)
+    for name, value in balance_metrics.items():  # the same on every process: averaged over processes
+        sums[f"{BALANCE}{name}"] = torch.as_tensor(value / acc.num_processes)
     return sums, float(grad_norm)
 
 
 SAMPLES = "samples/"  # prefix of the on-policy counts in a step's sums
+BALANCE = "balance:"  # prefix of the balancer's measurements in a step's sums (not divided by tokens)
 SAMPLE_KEYS = ("seqs", "student_seqs", "completion_tokens", "teacher_nll", "teacher_nll_n")
 
 
@@ -326,9 +337,10 @@ class StepLog:
         totals = reduce_sum(sums, self.run.accelerator)
         for k in [k for k in totals if k.startswith(SAMPLES)]:  # summed over the window, ratios at _log
             self.samples[k] = self.samples.get(k, 0.0) + totals.pop(k)
+        balance = {k[len(BALANCE):]: totals.pop(k) for k in [k for k in totals if k.startswith(BALANCE)]}
         n = max(n_valid, 1.0)
         values = {"loss": totals["loss"] / n,
-                  **{f"loss/{k}": v / n for k, v in totals.items() if k not in ("loss", "tokens")}}
+                  **{f"loss/{k}": v / n for k, v in totals.items() if k not in ("loss", "tokens")}, **balance}
         for k, v in values.items():
             self.window[k] = self.window.get(k, 0.0) + v
         self.window["tokens"] = self.window.get("tokens", 0.0) + totals["tokens"]
@@ -443,6 +455,10 @@ def save_checkpoint(run: Run, step: int) -> Path:
         if run.is_main:
             state = {"step": step, "max_steps": run.max_steps, "format": "sharded" if sharded else "full",
                      "processes": acc.num_processes, "config": config_to_dict(run.cfg)}
+            if run.balancer is not None:
+                state["balance"] = run.balancer.state_dict()
+            if run.measured:
+                state["measured"] = dict(run.measured)
             ckpt.write_main_state(tmp, model=None if sharded else run.raw_student, tokenizer=run.tokenizer,
                                   optimizer=None if sharded else run.optimizer, scheduler=run.scheduler, state=state,
                                   extra_modules=run.features.checkpoint_modules() if run.features else None)
@@ -482,6 +498,10 @@ def resume_run(run: Run, checkpoint: Path, state: dict, changes: dict) -> int:
         set_seed(run.cfg.train.seed + 1_000_003 * step + run.accelerator.process_index)
     if run.features is not None:
         run.features.load_checkpoint(checkpoint)
+    if run.balancer is not None and "balance" in state:
+        run.balancer.load_state_dict(state["balance"])
+    if state.get("measured"):
+        run.restore_measured(state["measured"])
     if step > run.max_steps:
         raise RunDirError(f"{checkpoint} is at step {step}, past this run's {run.max_steps} steps: raise "
                           "train.max_steps (or train.epochs) to at least that, or start a new run")
@@ -542,6 +562,7 @@ def finish(run: Run, metrics: MetricsLogger, step_log: StepLog, progress: bool, 
                 **({"cross_tokenizer": run.teacher.summary()} if run.teacher.summary() is not None else {}),
                 "train_examples": len(run.train_ds),
                 "train_tokens_per_epoch": getattr(run.train_ds, "n_tokens", None),
+                **({"measured": dict(run.measured)} if run.measured else {}),
                 "hardware": hardware(run)})
     metrics.close()
     run.accelerator.wait_for_everyone()

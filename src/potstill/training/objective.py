@@ -39,7 +39,7 @@ from ..losses import chunked_distill_loss, cross_entropy, logit_divergence
 from ..losses.aligned import aligned_divergence
 from ..losses.chunked import DEFAULT_MEMORY_BUDGET_MB
 from ..losses.fused_logits import fused_logit_loss
-from ..losses.sparse import sampled_forward_kl, topk_divergence
+from ..losses.sparse import sampled_divergence, topk_divergence
 from ..losses.sparse_chunked import sparse_chunked_loss
 from ..models.heads import HeadParams
 from ..teachers.signal import SparseTargets, TeacherSignal
@@ -59,6 +59,9 @@ class ObjectiveOutput:
     weighted_sum: torch.Tensor
     n_valid: torch.Tensor
     term_sums: dict[str, torch.Tensor] = field(default_factory=dict)
+    # The differentiable, weighted parts of ``weighted_sum`` by balanced term ('logits', 'hidden',
+    # 'attention'; see potstill.training.balance), for a balancer that needs each term's gradient.
+    term_losses: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass
@@ -100,8 +103,10 @@ class Objective:
     """
 
     def __init__(self, cfg: LossConfig, shared_vocab: int | None = None, *,
-                 features: FeatureDistiller | None = None, autocast: Callable[[], Any] = contextlib.nullcontext):
+                 features: FeatureDistiller | None = None, autocast: Callable[[], Any] = contextlib.nullcontext,
+                 divergence_params: dict | None = None):
         self.cfg = cfg
+        self.set_divergence_params(divergence_params)
         self.shared_vocab = shared_vocab
         self.features = features
         self.autocast = autocast
@@ -115,6 +120,14 @@ class Objective:
             ("hidden", "aligned"): self._aligned, ("logits", "aligned"): self._aligned,
         }
 
+    def set_divergence_params(self, params: dict | None) -> None:
+        """The divergence's own parameters (:meth:`potstill.config.LogitLossConfig.divergence_params`;
+        for cakld the measured confidence): passed to every loss form as ``params=``."""
+        if params is None:
+            params = self.cfg.logits.divergence_params() if self.cfg.logits.divergence != "cakld" else {}
+        self.params = dict(params)
+        self._params_kw = {"params": self.params} if self.params else {}
+
     def compute(self, student: StudentOutput, teacher: TeacherSignal, batch: MicroBatch) -> ObjectiveOutput:
         """Every term of one micro-batch, as sums over its valid tokens (not yet normalized)."""
         form = self._forms.get((student.form, teacher.form))
@@ -122,9 +135,16 @@ class Objective:
             raise ValueError(f"no loss form for a student giving {student.form} and a teacher signal "
                              f"{teacher.form}: the student and the teacher must be on the same loss path")
         out = form(student, teacher, batch.labels)
+        if out.weighted_sum.requires_grad:
+            out.term_losses["logits"] = out.weighted_sum
         if self.features is not None:  # hidden-state / attention-relation terms, float32, outside autocast
-            self.features.add_terms(out, student.activations, teacher.activations, batch.labels,
-                                    batch.attention_mask)
+            weights = {"hidden": self.cfg.hidden.weight, "attention": self.cfg.attention.weight}
+            for name, value in self.features.terms(student.activations, teacher.activations, batch.labels,
+                                                   batch.attention_mask).items():
+                weighted = weights[name] * value
+                out.weighted_sum = out.weighted_sum + weighted
+                out.term_sums[name] = value.detach()
+                out.term_losses[name] = weighted
         return out
 
     # -- the forms ----------------------------------------------------------------------------
@@ -230,7 +250,8 @@ class Objective:
         v = self.shared_vocab or min(s.shape[-1], t.shape[-1])
         lc = self.cfg.logits
         return logit_divergence(lc.divergence, s[..., :v], t[..., :v], mask,
-                                temperature=lc.temperature, beta=lc.beta, alpha=lc.alpha, targets=targets)
+                                temperature=lc.temperature, beta=lc.beta, alpha=lc.alpha, targets=targets,
+                                **self._params_kw)
 
     def __call__(self, student_logits: torch.Tensor, labels: torch.Tensor,
                  teacher_logits: torch.Tensor | None = None) -> ObjectiveOutput:
@@ -253,7 +274,7 @@ class Objective:
             divergence=lc.divergence, temperature=lc.temperature, beta=lc.beta, alpha=lc.alpha,
             kd_weight=self.kd_scale if lc.weight > 0 else 0.0, ce_weight=self.cfg.ce.weight,
             shared_vocab=self.shared_vocab if lc.weight > 0 else None,
-            chunk_size=self.cfg.chunk_size, memory_budget_mb=self.cfg.memory_budget_mb)
+            chunk_size=self.cfg.chunk_size, memory_budget_mb=self.cfg.memory_budget_mb, **self._params_kw)
         return ObjectiveOutput(weighted_sum=out.weighted_sum, n_valid=out.n_valid, term_sums=dict(out.term_sums))
 
     def fused(self, student_hidden: torch.Tensor, student_head, labels: torch.Tensor,
@@ -277,7 +298,7 @@ class Objective:
             kd_weight=self.kd_scale, ce_weight=self.cfg.ce.weight, shared_vocab=self.shared_vocab,
             student_bias=student_head.bias, teacher_bias=teacher_head.bias if use_teacher else None,
             student_softcap=student_head.softcap, teacher_softcap=teacher_head.softcap if use_teacher else None,
-            chunk_size=chunk_size, memory_budget_mb=memory_budget_mb)
+            chunk_size=chunk_size, memory_budget_mb=memory_budget_mb, **self._params_kw)
         return ObjectiveOutput(weighted_sum=out.weighted_sum, n_valid=out.n_valid, term_sums=dict(out.term_sums))
 
     def sparse_fused(self, student_hidden: torch.Tensor, student_head: HeadParams, labels: torch.Tensor,
@@ -294,7 +315,8 @@ class Objective:
         out = sparse_chunked_loss(student_hidden[:, :-1][mask], student_head.weight, student_head.bias,
                                   labels[:, 1:][mask], rows, kind=targets.kind, missing_mass=lc.missing_mass,
                                   temperature=lc.temperature, kd_weight=self.kd_scale if lc.weight > 0 else 0.0,
-                                  ce_weight=self.cfg.ce.weight, vocab=v)
+                                  ce_weight=self.cfg.ce.weight, vocab=v, divergence=lc.divergence, beta=lc.beta,
+                                  **self._params_kw)
         return ObjectiveOutput(weighted_sum=out.weighted_sum, n_valid=out.n_valid, term_sums=dict(out.term_sums))
 
     def sparse(self, student_logits: torch.Tensor, labels: torch.Tensor, targets: SparseTargets) -> ObjectiveOutput:
@@ -309,9 +331,11 @@ class Objective:
             rows = s[mask][:, :v]
             if targets.kind == "topk":
                 kd, _ = topk_divergence(lc.divergence, rows, targets.ids, targets.logp, targets.rest,
-                                        missing_mass=lc.missing_mass, temperature=lc.temperature, beta=lc.beta)
+                                        missing_mass=lc.missing_mass, temperature=lc.temperature, beta=lc.beta,
+                                        **self._params_kw)
             else:
-                kd, _ = sampled_forward_kl(rows, targets.ids, targets.entropy, temperature=lc.temperature)
+                kd, _ = sampled_divergence(lc.divergence, rows, targets.ids, targets.entropy,
+                                           temperature=lc.temperature, **self._params_kw)
             terms["kd"] = kd.detach()
             total = total + self.kd_scale * kd
         if self.cfg.ce.weight > 0:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -25,6 +25,7 @@ from ..data.batching import StepBatcher
 from ..data.preflight import warn_about_datasets
 from ..errors import ConfigError, ModelError
 from ..features.distiller import FeatureDistiller
+from ..losses.aligned import ALIGNED_DIVERGENCES
 from ..models.heads import HeadParams
 from ..models.hidden import supports_chunked
 from ..models.precision import autocast_context, compute_dtype
@@ -35,6 +36,8 @@ from ..models.vocab import check_vocab
 from ..teachers import Teacher, build_teacher, connect_server
 from ..teachers.cache_format import check_manifest, read_manifest
 from .forward import StudentForward
+from .balance import TermBalancer
+from .confidence import measure_confidence
 from .objective import Objective
 from .onpolicy import OnPolicyTokens, build_onpolicy_tokens, onpolicy_data_config
 from .sharding import Strategy, local_bytes, make_strategy
@@ -69,6 +72,16 @@ class Run:
     scheduler: Any
     shared_vocab: int | None
     n_params: int
+    balancer: TermBalancer | None = None  # per-term gradients (loss.balance, loss.log_term_gradients)
+    measured: dict = field(default_factory=dict)  # what the run measured before training (cakld_confidence)
+
+    def restore_measured(self, saved: dict) -> None:
+        """A resumed run keeps what its first session measured (the same data give the same value;
+        this holds even where they would not)."""
+        if "cakld_confidence" in saved and self.measured.get("cakld_confidence") != saved["cakld_confidence"]:
+            self.measured["cakld_confidence"] = float(saved["cakld_confidence"])
+            self.objective.set_divergence_params(
+                self.cfg.loss.logits.divergence_params(confidence=self.measured["cakld_confidence"]))
 
     @property
     def is_main(self) -> bool:
@@ -146,6 +159,11 @@ def build_run(cfg: DistillConfig, accelerator, precision: str, run_dir: Path, *,
     if features is not None:
         features.to(device)
     strategy.place_teacher(teacher_model)  # sharded under FSDP
+    if features is not None and features.needs_fit:  # loss.hidden.preprocess: the teacher's statistics
+        features.fit(teacher_model, calibration_batches(train_ds, tc.batch_size, checked.tokenizer.pad_token_id, device)(
+            cfg.loss.hidden.fit_batches), autocast=autocast, progress=progress and accelerator.is_main_process,
+            accelerator=accelerator)
+        strategy.release_teacher(teacher_model)
     n_params = sum(p.numel() for p in student.parameters())
     log.info("student: %s, %.2fM parameters; teacher: %s; precision %s on %s x%d",
              type(student).__name__, n_params / 1e6,
@@ -162,7 +180,18 @@ def build_run(cfg: DistillConfig, accelerator, precision: str, run_dir: Path, *,
     optimizer, scheduler = build_optimizer(cfg, student, features, max_steps)
     wrapped, raw_student, optimizer = strategy.prepare(student, optimizer)
     student_head = choose_loss_path(cfg.loss.path, raw_student, teacher)
-    objective = Objective(cfg.loss, shared_vocab, features=features, autocast=autocast)
+    measured = {}
+    lc = cfg.loss.logits
+    if lc.weight > 0 and lc.divergence == "cakld" and lc.cakld_confidence is None:
+        measured["cakld_confidence"] = measure_confidence(
+            teacher, train_ds, batches=lc.cakld_batches, batch_size=tc.batch_size,
+            pad_token_id=tokenizer.pad_token_id, device=device)
+        strategy.release_teacher(teacher.model)
+    objective = Objective(cfg.loss, shared_vocab, features=features, autocast=autocast,
+                          divergence_params=lc.divergence_params(confidence=measured.get("cakld_confidence")))
+    balancer = TermBalancer.build(cfg.loss, [p for p in raw_student.parameters() if p.requires_grad],
+                                  features.parameters() if features is not None else [], seed=tc.seed,
+                                  precision=precision)
     tokens = TokenSource(train_ds, batcher, tokenizer.pad_token_id, device)
     if cfg.onpolicy.enabled:
         tokens = build_onpolicy_tokens(cfg, tokens, train_ds, tokenizer, student=raw_student,
@@ -174,7 +203,8 @@ def build_run(cfg: DistillConfig, accelerator, precision: str, run_dir: Path, *,
                objective=objective, student_forward=StudentForward(wrapped, raw_student, student_head, features),
                train_ds=train_ds, val_ds=val_ds, batcher=batcher,
                tokens=tokens, max_steps=max_steps,
-               optimizer=optimizer, scheduler=scheduler, shared_vocab=shared_vocab, n_params=n_params)
+               optimizer=optimizer, scheduler=scheduler, shared_vocab=shared_vocab, n_params=n_params,
+               balancer=balancer, measured=measured)
 
 
 def load_models(cfg: DistillConfig, precision: str, checked: Preflight | None = None, *, meta: bool = False,
@@ -253,6 +283,9 @@ def plan_cross_tokenizer(cfg: DistillConfig, checked: Preflight, manifest: dict 
                           "tokenization): set onpolicy.lmbda=0, or use a student with the teacher's tokenizer")
     if cfg.train.strategy == "fsdp":
         raise ConfigError(f"train.strategy=fsdp with {what} is not supported yet: use ddp (train.strategy=auto)")
+    if cfg.loss.logits.weight > 0 and cfg.loss.logits.divergence not in ALIGNED_DIVERGENCES:
+        raise ConfigError(f"loss.logits.divergence={cfg.loss.logits.divergence} with {what}: the aligned loss "
+                          f"supports {', '.join(ALIGNED_DIVERGENCES)} on the mapped top-k (and ULD elsewhere)")
     log.info("cross-tokenizer distillation: teacher %s (%d tokens), student %s (%d tokens); tokens aligned by "
              "character (loss.cross_tokenizer.mode=%s)", type(teacher_tok).__name__, len(teacher_tok),
              type(checked.tokenizer).__name__, len(checked.tokenizer), cfg.loss.cross_tokenizer.mode)
