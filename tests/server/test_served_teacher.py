@@ -194,7 +194,7 @@ def test_a_server_with_another_tokenizer_is_one_line(tmp_path, vllm, demo_teache
                                                            "it serves"]),
     ({"loss": {"logits": {"weight": 1.0, "temperature": 2.0}}}, ConfigError,
      ["loss.logits.temperature=2.0 cannot be applied", "prompt log-probs before temperature"]),
-    ({"loss": {"logits": {"weight": 1.0, "divergence": "tvd"}}}, ConfigError, ["tvd has no sparse version"]),
+    ({"loss": {"logits": {"weight": 1.0, "divergence": "tvd"}}}, ConfigError, ["tvd needs the teacher's full distribution"]),
 ])
 def test_each_disagreement_with_the_server_is_one_line(tmp_path, vllm, demo_teacher, demo_text, change, error,
                                                        fragments):
